@@ -1,0 +1,125 @@
+"""Experiment entry points the scripts call: settings in, workdir out."""
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+from absl import logging
+import jax
+
+from dni_jax import data
+from dni_jax import feedforward
+from dni_jax import training
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedForwardExperiment:
+  """Everything `scripts/train_ff.py` sets; validated on construction."""
+  workdir: str
+  dataset: str = 'mnist'
+  data_dir: str | None = None
+  data_source: str = 'files'
+  model: str = 'fcn'
+  num_layers: int = 4
+  hidden_size: int = 256
+  method: str = 'dni'
+  sg_hidden_layers: int | None = None   # None: the paper's choice (A.1).
+  sg_hidden_size: int = 1024
+  learning_rate: float = 3e-5
+  lr_boundaries: tuple[int, ...] = (300_000, 400_000)
+  lr_decay: float = 0.1
+  batch_size: int = 256
+  num_steps: int = 500_000
+  eval_every: int = 5000
+  log_every: int = 500
+  checkpoint_every: int = 10_000
+  seed: int = 0
+  overwrite: bool = False
+
+  def __post_init__(self):
+    def bad(flag, msg):
+      raise ValueError(f'--{flag}={getattr(self, flag)}: {msg}')
+    if self.dataset not in data.DATASETS:
+      bad('dataset', f'must be one of {", ".join(data.DATASETS)}')
+    if self.data_source not in ('files', 'tfds'):
+      bad('data_source', 'must be files or tfds')
+    if self.model != 'fcn':
+      bad('model', 'must be fcn')
+    if self.method not in feedforward.METHODS:
+      bad('method', f'must be one of {", ".join(feedforward.METHODS)}')
+    for flag in ('num_steps', 'eval_every', 'log_every', 'checkpoint_every',
+                 'batch_size', 'hidden_size', 'sg_hidden_size'):
+      if getattr(self, flag) < 1:
+        bad(flag, 'must be a positive integer')
+    if self.num_layers < 2:
+      bad('num_layers', 'must be >= 2 (hidden layers + the classifier)')
+    if self.sg_hidden_layers is not None and not 0 <= self.sg_hidden_layers <= 2:
+      bad('sg_hidden_layers', 'must be 0, 1 or 2')
+    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+      bad('learning_rate', 'must be a positive finite number')
+    if not 0 < self.lr_decay <= 1:
+      bad('lr_decay', 'must be in (0, 1]')
+    if (any(b <= 0 for b in self.lr_boundaries)
+        or list(self.lr_boundaries) != sorted(set(self.lr_boundaries))):
+      bad('lr_boundaries', 'must be positive, strictly increasing integers')
+    if self.seed < 0:
+      bad('seed', 'must be >= 0')
+    if not self.workdir:
+      bad('workdir', 'is required')
+
+  @property
+  def resolved_sg_hidden_layers(self) -> int:
+    """A.1 (MNIST FCN): two hidden layers for DNI, zero (linear) for cDNI."""
+    if self.sg_hidden_layers is not None:
+      return self.sg_hidden_layers
+    return 0 if self.method == 'cdni' else 2
+
+  def config_record(self) -> dict[str, Any]:
+    """What config.json holds: every setting, defaults resolved."""
+    record = dataclasses.asdict(self)
+    record['sg_hidden_layers'] = self.resolved_sg_hidden_layers
+    record['lr_boundaries'] = list(self.lr_boundaries)
+    del record['overwrite']  # How to treat the workdir, not part of the run.
+    return record
+
+
+def train_feedforward(exp: FeedForwardExperiment) -> dict:
+  """Runs (or resumes) one feed-forward experiment; returns result.json's dict."""
+  status = training.prepare_workdir(exp.workdir, exp.config_record(),
+                                    exp.overwrite)
+  if status == 'finished':
+    logging.info('%s already holds a finished run; nothing to do',
+                 exp.workdir)
+    with open(os.path.join(exp.workdir, training.RESULT_FILE)) as f:
+      return json.load(f)
+  train = data.load_dataset(exp.dataset, 'train', exp.data_dir, exp.data_source)
+  test = data.load_dataset(exp.dataset, 'test', exp.data_dir, exp.data_source)
+  logging.info('%s: %d train, %d test examples of shape %s', exp.dataset,
+               len(train.labels), len(test.labels), train.images.shape[1:])
+  config = feedforward.FeedForwardConfig(
+      input_shape=tuple(train.images.shape[1:]),
+      num_classes=train.num_classes,
+      num_layers=exp.num_layers,
+      hidden_size=exp.hidden_size,
+      method=exp.method,
+      sg_hidden_layers=exp.resolved_sg_hidden_layers,
+      sg_hidden_size=exp.sg_hidden_size,
+      learning_rate=exp.learning_rate,
+      lr_boundaries=tuple(exp.lr_boundaries),
+      lr_decay=exp.lr_decay)
+  ff = feedforward.make_feedforward(config)
+  loop = training.LoopConfig(
+      num_steps=exp.num_steps, eval_every=exp.eval_every,
+      log_every=exp.log_every, checkpoint_every=exp.checkpoint_every,
+      batch_size=exp.batch_size, seed=exp.seed)
+  return training.fit(
+      workdir=exp.workdir, loop=loop,
+      init_state=ff.init(jax.random.key(exp.seed)),
+      train_step=ff.train_step, eval_batch=ff.eval_batch,
+      train_data=(train.images, train.labels),
+      test_data=(test.images, test.labels),
+      extra_result={'method': exp.method, 'num_layers': exp.num_layers,
+                    'dataset': exp.dataset,
+                    'device': jax.devices()[0].device_kind})

@@ -1,0 +1,56 @@
+"""The DNI communication protocol (Sec. 2, 2.1 of Jaderberg et al.), framework agnostic.
+
+Gradient convention used throughout dni_jax: every gradient that crosses an
+interface -- true, bootstrapped or synthetic -- is a *per-example* gradient
+
+    delta_b = dl_b / dh_b = B * dL / dh_b,      L = (1/B) sum_b l_b,
+
+so a synthetic-gradient model predicts a quantity whose scale does not depend on
+the batch size. `pull_back` converts it to the gradient of the batch-mean loss
+before updating parameters and converts the input gradient back.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+VjpFn = Callable[[Array], tuple[Any, Array]]
+
+
+def pull_back(vjp_fn: VjpFn, grad_h: Array) -> tuple[Any, Array]:
+  """Eq. (1)/(2): pulls a per-example gradient of h back through a module.
+
+  Args:
+    vjp_fn: from `jax.vjp(f, params, x)` with `h = f(params, x)`.
+    grad_h: per-example gradient w.r.t. h (true, bootstrapped or synthetic).
+
+  Returns:
+    (gradient of the batch-mean loss w.r.t. params, per-example gradient w.r.t. x).
+    The second is the *target* for the synthetic-gradient model that predicts
+    the gradient of x (Fig. 2: delta_i = f'_{i+1}(h_i) delta_hat_{i+1}).
+  """
+  batch_size = grad_h.shape[0]
+  param_grads, grad_x = vjp_fn(grad_h / batch_size)
+  return param_grads, grad_x * batch_size
+
+
+def synthetic_gradient_loss(prediction: Array, target: Array) -> Array:
+  """L2 regression loss of a synthetic gradient to its target (Sec. 2.1, A.1).
+
+  Mean over the batch of the squared Euclidean distance per example; the target
+  is a constant (gradients never flow into it).
+  """
+  target = jax.lax.stop_gradient(target)
+  sq = jnp.square(prediction - target).reshape(prediction.shape[0], -1)
+  return jnp.mean(jnp.sum(sq, axis=-1))
+
+
+def softmax_cross_entropy_grad(logits: Array, labels: Array) -> tuple[Array, Array]:
+  """Mean softmax cross-entropy and its per-example gradient w.r.t. the logits."""
+  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  log_probs = jax.nn.log_softmax(logits)
+  loss = -jnp.mean(jnp.sum(one_hot * log_probs, axis=-1))
+  return loss, jnp.exp(log_probs) - one_hot
+

@@ -1,0 +1,32 @@
+"""Synthetic-gradient models (Sec. 2.1, A.1)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class SyntheticGradientMLP(nn.Module):
+  """M(h, c): `hidden_layers` x (linear -> BatchNorm -> ReLU), then a linear layer.
+
+  The final layer is initialised to zero weights and biases (A.1), so a new
+  model emits exactly zero synthetic gradients. With `hidden_layers=0` the model
+  is linear, delta_hat = phi_w [h, c] + phi_b. A context (cDNI: the one-hot
+  label) is concatenated to the input.
+  """
+  hidden_layers: int
+  hidden_size: int
+  out_features: int
+
+  @nn.compact
+  def __call__(self, h_BxD: jax.Array, context_BxC: jax.Array | None,
+               train: bool) -> jax.Array:
+    x = h_BxD.reshape(h_BxD.shape[0], -1)
+    if context_BxC is not None:
+      x = jnp.concatenate([x, context_BxC.astype(x.dtype)], axis=-1)
+    for _ in range(self.hidden_layers):
+      x = nn.Dense(self.hidden_size)(x)
+      x = nn.BatchNorm(use_running_average=not train)(x)
+      x = nn.relu(x)
+    out = nn.Dense(self.out_features, kernel_init=nn.initializers.zeros,
+                   bias_init=nn.initializers.zeros)(x)
+    return out.reshape(h_BxD.shape)

@@ -1,0 +1,365 @@
+"""The training loop every script shares: workdir contract, metrics, checkpoints.
+
+A workdir holds
+  config.json     every flag value of the run;
+  metrics.jsonl   one JSON object per evaluation, each with `step`;
+  result.json     the final summary, written last and atomically: its presence
+                  means the run finished;
+  checkpoints/    orbax step folders (atomic, the last few kept).
+
+Re-running the same command on the same workdir resumes from the latest good
+checkpoint; data order depends only on (seed, step), so a resumed run sees the
+same batches as an uninterrupted one.
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from typing import Any, Callable, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+Array = jax.Array
+CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.jsonl'
+RESULT_FILE = 'result.json'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot be used as asked (another run's, or unreadable)."""
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (for example a non-finite loss)."""
+
+
+# ---------------------------------------------------------------------------
+# Files.
+# ---------------------------------------------------------------------------
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write('\n')
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        # Only a line cut by a kill can be partial: it is the last one.
+        logging.warning('%s line %d is incomplete; dropped', path, n)
+  return rows
+
+
+def prepare_workdir(workdir: str, config: dict, overwrite: bool) -> str:
+  """Creates or checks the workdir. Returns 'new', 'resume' or 'finished'.
+
+  A workdir whose config.json differs from `config` is refused unless
+  `overwrite`, in which case its contents are removed first.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir {workdir} exists and is not a directory')
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    if overwrite:
+      for name in os.listdir(workdir):
+        path = os.path.join(workdir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    elif not os.path.exists(config_path):
+      raise WorkdirError(
+          f'--workdir {workdir} is not empty and holds no {CONFIG_FILE}: not a '
+          'run of this project; choose another workdir or pass --overwrite')
+    else:
+      try:
+        with open(config_path) as f:
+          old = json.load(f)
+      except (OSError, json.JSONDecodeError) as e:
+        raise WorkdirError(f'{config_path} is unreadable ({e}); pass '
+                           '--overwrite to start again') from e
+      if old != config:
+        diff = sorted(k for k in set(old) | set(config)
+                      if old.get(k) != config.get(k))
+        raise WorkdirError(
+            f'--workdir {workdir} holds a run with a different configuration '
+            f'(differs in: {", ".join(diff)}); use another workdir or pass '
+            '--overwrite')
+      if os.path.exists(os.path.join(workdir, RESULT_FILE)):
+        return 'finished'
+      return 'resume'
+  os.makedirs(workdir, exist_ok=True)
+  write_json_atomic(config_path, config)
+  return 'new'
+
+
+class MetricsLog:
+  """Appends one JSON line per evaluation, flushed, so nothing is lost."""
+
+  def __init__(self, workdir: str, keep_up_to_step: int):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    # On resume, lines written after the checkpoint are dropped: they will be
+    # written again, identically, so none is lost or duplicated.
+    self.rows = [r for r in read_metrics(workdir)
+                 if r['step'] <= keep_up_to_step]
+    tmp = f'{self.path}.tmp'
+    with open(tmp, 'w') as f:
+      for row in self.rows:
+        f.write(json.dumps(row, sort_keys=True) + '\n')
+    os.replace(tmp, self.path)
+
+  def append(self, row: dict) -> None:
+    self.rows.append(row)
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(row, sort_keys=True) + '\n')
+      f.flush()
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints.
+# ---------------------------------------------------------------------------
+
+class Checkpointer:
+  """Orbax step folders under WORKDIR/checkpoints, the last `max_to_keep` kept."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 3):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                             create=True))
+
+  def save(self, step: int, payload: Any) -> None:
+    self.manager.save(step, args=ocp.args.StandardSave(payload), force=True)
+
+  def restore_latest(self, abstract_payload: Any):
+    """(step, payload) of the newest checkpoint that restores, or (0, None).
+
+    A corrupt or half-written checkpoint is reported and the one before used.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        payload = self.manager.restore(
+            step, args=ocp.args.StandardRestore(abstract_payload))
+        return step, payload
+      except Exception as e:  # pylint: disable=broad-except
+        logging.error('checkpoint %s/%d is unreadable (%s: %s); trying the '
+                      'previous one', self.directory, step, type(e).__name__,
+                      str(e).splitlines()[0] if str(e) else '')
+    return 0, None
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# ---------------------------------------------------------------------------
+# Data order and evaluation.
+# ---------------------------------------------------------------------------
+
+class EpochSampler:
+  """Batch indices depending only on (seed, step): shuffled epochs without
+  replacement, the last incomplete batch of each epoch dropped."""
+
+  def __init__(self, num_examples: int, batch_size: int, seed: int):
+    if batch_size > num_examples:
+      raise ValueError(f'batch_size={batch_size} exceeds the {num_examples} '
+                       'training examples')
+    self.num_examples = num_examples
+    self.batch_size = batch_size
+    self.seed = seed
+    self.steps_per_epoch = num_examples // batch_size
+    self._epoch, self._perm = -1, None
+
+  def indices(self, step: int) -> np.ndarray:
+    epoch, i = divmod(step, self.steps_per_epoch)
+    if epoch != self._epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      self._epoch, self._perm = epoch, rng.permutation(self.num_examples)
+    return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+@jax.jit
+def _gather(images, labels, idx):
+  return images[idx], labels[idx]
+
+
+def evaluate(eval_batch: Callable, state: Any, images: Array, labels: Array,
+             batch_size: int = 1000) -> dict[str, float]:
+  """Test loss and error (%) over the whole set, in fixed-size batches."""
+  totals = None
+  for start in range(0, images.shape[0], batch_size):
+    sums = eval_batch(state, images[start:start + batch_size],
+                      labels[start:start + batch_size])
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'test_loss': float(totals['loss_sum']) / count,
+          'test_error': 100.0 * (1.0 - float(totals['num_correct']) / count)}
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------
+
+class LoopConfig(NamedTuple):
+  num_steps: int
+  eval_every: int
+  log_every: int
+  checkpoint_every: int
+  batch_size: int
+  seed: int
+
+
+def _check_finite(step: int, metrics: dict) -> None:
+  for name, value in metrics.items():
+    arr = np.asarray(value)
+    if arr.size and not np.all(np.isfinite(arr)):
+      where = name
+      if arr.ndim == 1:
+        bad = [i + 1 for i in range(arr.size) if not np.isfinite(arr[i])]
+        where = f'{name} of interface(s) {bad}'
+      raise TrainingError(f'non-finite {where} at step {step}; the last good '
+                          'checkpoint is kept')
+
+
+class _StopRequested(Exception):
+  pass
+
+
+def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
+        train_step: Callable, eval_batch: Callable,
+        train_data: tuple[np.ndarray, np.ndarray],
+        test_data: tuple[np.ndarray, np.ndarray],
+        extra_result: dict | None = None) -> dict:
+  """Trains from the latest checkpoint in `workdir` (or `init_state`) to
+  `loop.num_steps`, evaluating, logging and checkpointing; returns the result.
+
+  `train_step(state, images, labels) -> (state, metrics)` with a scalar
+  `metrics['loss']`; `eval_batch(state, images, labels)` returns sums with
+  `loss_sum`, `num_correct` and `count`.
+  """
+  train_images = jnp.asarray(train_data[0])
+  train_labels = jnp.asarray(train_data[1])
+  test_images = jnp.asarray(test_data[0])
+  test_labels = jnp.asarray(test_data[1])
+  sampler = EpochSampler(train_images.shape[0], loop.batch_size, loop.seed)
+
+  zero = jnp.zeros((), jnp.float32)
+  payload = {'state': init_state, 'train_loss_sum': zero,
+             'train_loss_count': zero}
+  checkpointer = Checkpointer(workdir)
+  start_step, restored = checkpointer.restore_latest(
+      jax.eval_shape(lambda: payload))
+  if restored is not None:
+    payload = restored
+    logging.info('resumed from %s/%d', checkpointer.directory, start_step)
+  state = payload['state']
+  loss_sum, loss_count = payload['train_loss_sum'], payload['train_loss_count']
+  metrics_log = MetricsLog(workdir, start_step)
+
+  stop = {'signal': None}
+  def on_signal(signum, frame):
+    del frame
+    stop['signal'] = signum
+  previous = {s: signal.signal(s, on_signal)
+              for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def save(step):
+    checkpointer.save(step, {'state': state, 'train_loss_sum': loss_sum,
+                             'train_loss_count': loss_count})
+
+  t_start = time.perf_counter()
+  t_last, step_last = t_start, start_step
+  train_time, timed_steps = 0.0, 0
+  step = start_step
+  try:
+    while step < loop.num_steps:
+      idx = sampler.indices(step)
+      images, labels = _gather(train_images, train_labels, idx)
+      state, metrics = train_step(state, images, labels)
+      loss_sum = loss_sum + metrics['loss']
+      loss_count = loss_count + 1.0
+      step += 1
+
+      is_eval = step % loop.eval_every == 0 or step == loop.num_steps
+      if step % loop.log_every == 0 or is_eval:
+        fetched = jax.device_get(metrics)
+        _check_finite(step, fetched)
+        now = time.perf_counter()
+        rate = (step - step_last) / max(now - t_last, 1e-9)
+        train_time += now - t_last
+        timed_steps += step - step_last
+        t_last, step_last = now, step
+        eta = (loop.num_steps - step) / max(rate, 1e-9)
+        logging.info('step %d/%d  loss %.4f  %.1f steps/s  ETA %s', step,
+                     loop.num_steps, float(fetched['loss']), rate,
+                     _format_seconds(eta))
+      if is_eval:
+        row = {'step': step,
+               'train_loss': float(loss_sum / jnp.maximum(loss_count, 1.0))}
+        row.update(evaluate(eval_batch, state, test_images, test_labels))
+        if np.asarray(fetched.get('sg_loss', [])).size:
+          row['sg_loss'] = [float(v) for v in fetched['sg_loss']]
+        metrics_log.append(row)
+        logging.info('step %d  test_error %.2f%%  train_loss %.4f', step,
+                     row['test_error'], row['train_loss'])
+        loss_sum, loss_count = zero, zero
+        t_last = time.perf_counter()  # Evaluation is not training time.
+      if step % loop.checkpoint_every == 0 or step == loop.num_steps:
+        save(step)
+        t_last = time.perf_counter()
+      if stop['signal'] is not None:
+        raise _StopRequested()
+  except _StopRequested:
+    save(step)
+    checkpointer.close()
+    raise TrainingError(
+        f'stopped by signal {stop["signal"]} at step {step}; checkpoint saved, '
+        'rerun the same command to resume')
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  checkpointer.close()
+
+  rows = metrics_log.rows
+  best = min(rows, key=lambda r: r['test_error'])
+  result = {
+      'num_steps': loop.num_steps,
+      'test_error': rows[-1]['test_error'],
+      'test_loss': rows[-1]['test_loss'],
+      'train_loss': rows[-1]['train_loss'],
+      'best_test_error': best['test_error'],
+      'best_step': best['step'],
+      'steps_per_sec': (timed_steps / train_time) if train_time > 0 else None,
+      'resumed_from_step': start_step,
+  }
+  result.update(extra_result or {})
+  write_json_atomic(os.path.join(workdir, RESULT_FILE), result)
+  return result
+
+
+def _format_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

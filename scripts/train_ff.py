@@ -1,0 +1,96 @@
+r"""Trains a feed-forward network with DNI between every layer (Sec. 3.1, A.1).
+
+Example (Table 1, MNIST, 4-layer FCN, cDNI):
+  python scripts/train_ff.py --dataset=mnist --data_dir=PATH/mnist \
+      --num_layers=4 --method=cdni --workdir=/tmp/cdni4
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from dni_jax import data
+from dni_jax import experiments
+from dni_jax import feedforward
+from dni_jax import training
+
+_D = experiments.FeedForwardExperiment
+flags.DEFINE_string('workdir', None, 'Output directory (required).')
+flags.DEFINE_enum('dataset', _D.dataset, list(data.DATASETS), 'Dataset.')
+flags.DEFINE_string('data_dir', None,
+                    'Folder with the IDX files (MNIST, Fashion-MNIST) or '
+                    'cifar-10-batches-bin/; for --data_source=tfds, the TFDS '
+                    'data_dir. Fashion-MNIST defaults to the Debian package '
+                    'folder ' + data.FASHION_MNIST_DEBIAN_DIR + '.')
+flags.DEFINE_enum('data_source', _D.data_source, ['files', 'tfds'],
+                  'Read local files, or use tensorflow-datasets.')
+flags.DEFINE_enum('model', _D.model, ['fcn'], 'Network family.')
+flags.DEFINE_integer('num_layers', _D.num_layers,
+                     'Layers counted as in the paper: hidden layers + the '
+                     'classifier (4 layers = 3 DNIs).')
+flags.DEFINE_integer('hidden_size', _D.hidden_size, 'Units per hidden layer.')
+flags.DEFINE_enum('method', _D.method, list(feedforward.METHODS),
+                  'bprop | no_bprop | dni | cdni (label-conditioned DNI).')
+flags.DEFINE_integer('sg_hidden_layers', None,
+                     'Hidden layers of each synthetic-gradient MLP (0-2); '
+                     'default as in A.1: 2 for dni, 0 for cdni.')
+flags.DEFINE_integer('sg_hidden_size', _D.sg_hidden_size,
+                     'Units per synthetic-gradient hidden layer.')
+flags.DEFINE_float('learning_rate', _D.learning_rate, 'Adam learning rate.')
+flags.DEFINE_list('lr_boundaries', [str(b) for b in _D.lr_boundaries],
+                  'Steps at which the learning rate is multiplied by '
+                  '--lr_decay (empty: constant).')
+flags.DEFINE_float('lr_decay', _D.lr_decay, 'Factor applied at each boundary.')
+flags.DEFINE_integer('batch_size', _D.batch_size, 'Batch size.')
+flags.DEFINE_integer('num_steps', _D.num_steps, 'Training steps.')
+flags.DEFINE_integer('eval_every', _D.eval_every,
+                     'Evaluate on the test set every N steps (and at the end).')
+flags.DEFINE_integer('log_every', _D.log_every, 'Log progress every N steps.')
+flags.DEFINE_integer('checkpoint_every', _D.checkpoint_every,
+                     'Checkpoint every N steps (and at the end).')
+flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and data order.')
+flags.DEFINE_bool('overwrite', False,
+                  'Replace a workdir that holds a run with another config.')
+FLAGS = flags.FLAGS
+
+
+def _int_list(flag: str, values: list[str]) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in values if v.strip())
+  except ValueError:
+    raise ValueError(f'--{flag}={",".join(values)}: must be a comma-separated '
+                     'list of integers') from None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    if not FLAGS.workdir:
+      raise ValueError('--workdir is required')
+    exp = experiments.FeedForwardExperiment(
+        workdir=FLAGS.workdir, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+        data_source=FLAGS.data_source, model=FLAGS.model,
+        num_layers=FLAGS.num_layers, hidden_size=FLAGS.hidden_size,
+        method=FLAGS.method, sg_hidden_layers=FLAGS.sg_hidden_layers,
+        sg_hidden_size=FLAGS.sg_hidden_size,
+        learning_rate=FLAGS.learning_rate,
+        lr_boundaries=_int_list('lr_boundaries', FLAGS.lr_boundaries),
+        lr_decay=FLAGS.lr_decay, batch_size=FLAGS.batch_size,
+        num_steps=FLAGS.num_steps, eval_every=FLAGS.eval_every,
+        log_every=FLAGS.log_every, checkpoint_every=FLAGS.checkpoint_every,
+        seed=FLAGS.seed, overwrite=FLAGS.overwrite)
+    result = experiments.train_feedforward(exp)
+  except (ValueError, training.TrainingError) as e:
+    # DataError and WorkdirError are ValueErrors: one line, non-zero exit.
+    print(f'train_ff.py: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  logging.info('result: %s', result)
+  print(f'test_error {result["test_error"]:.2f}%  best {result["best_test_error"]:.2f}%  '
+        f'({FLAGS.workdir}/result.json)')
+
+
+if __name__ == '__main__':
+  app.run(main)
