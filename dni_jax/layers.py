@@ -12,7 +12,9 @@ class HiddenDense(nn.Module):
   @nn.compact
   def __call__(self, x_BxD: jax.Array, train: bool) -> jax.Array:
     x_BxD = x_BxD.reshape(x_BxD.shape[0], -1)
-    h = nn.Dense(self.features)(x_BxD)
+    # No bias: BatchNorm's offset replaces it (a bias before BN gets a zero
+    # gradient, and Adam would turn its rounding noise into full-size steps).
+    h = nn.Dense(self.features, use_bias=False)(x_BxD)
     h = nn.BatchNorm(use_running_average=not train)(h)
     return nn.relu(h)
 

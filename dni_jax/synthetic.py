@@ -24,7 +24,7 @@ class SyntheticGradientMLP(nn.Module):
     if context_BxC is not None:
       x = jnp.concatenate([x, context_BxC.astype(x.dtype)], axis=-1)
     for _ in range(self.hidden_layers):
-      x = nn.Dense(self.hidden_size)(x)
+      x = nn.Dense(self.hidden_size, use_bias=False)(x)  # BN has the offset.
       x = nn.BatchNorm(use_running_average=not train)(x)
       x = nn.relu(x)
     out = nn.Dense(self.out_features, kernel_init=nn.initializers.zeros,

@@ -1,0 +1,53 @@
+"""Shared test setup: strict numerics, fake devices, tiny generated datasets."""
+
+import gzip
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+# Fail loudly on silent broadcasting; several fake CPU devices for sharding tests.
+jax.config.update('jax_numpy_rank_promotion', 'raise')
+jax.config.update('jax_num_cpu_devices', 4)
+
+
+def write_idx(path: str, array: np.ndarray, gz: bool = True) -> None:
+  """Writes uint8 `array` in the IDX format (magic 0x0803 images, 0x0801 labels)."""
+  array = np.asarray(array, np.uint8)
+  header = struct.pack('>HBB', 0, 0x08, array.ndim)
+  header += b''.join(struct.pack('>I', d) for d in array.shape)
+  opener = gzip.open if gz else open
+  with opener(path, 'wb') as f:
+    f.write(header + array.tobytes())
+
+
+def make_separable_digits(num: int, seed: int, size: int = 28):
+  """A learnable stand-in for MNIST: class k lights up its own band of rows."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 10, size=num).astype(np.uint8)
+  images = rng.integers(0, 60, size=(num, size, size)).astype(np.uint8)
+  band = size // 10
+  for i, k in enumerate(labels):
+    images[i, k * band:(k + 1) * band, :] = 255
+  return images, labels
+
+
+def write_mnist_like(directory: str, num_train: int = 512, num_test: int = 128,
+                     gz: bool = True) -> str:
+  os.makedirs(directory, exist_ok=True)
+  ext = '.gz' if gz else ''
+  for prefix, num, seed in (('train', num_train, 0), ('t10k', num_test, 1)):
+    images, labels = make_separable_digits(num, seed)
+    write_idx(os.path.join(directory, f'{prefix}-images-idx3-ubyte{ext}'),
+              images, gz)
+    write_idx(os.path.join(directory, f'{prefix}-labels-idx1-ubyte{ext}'),
+              labels, gz)
+  return directory
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+  """A tiny, learnable MNIST-format dataset in IDX files."""
+  return write_mnist_like(str(tmp_path / 'mnist'))

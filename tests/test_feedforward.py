@@ -1,0 +1,284 @@
+"""The feed-forward DNI protocol pinned down by exact equalities (DESIGN.md)."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dni_jax
+from dni_jax import feedforward as ff_lib
+from dni_jax import interface
+from dni_jax import layers
+
+B = 16
+
+
+def small_config(method, **kw):
+  args = dict(input_shape=(4, 4, 1), num_classes=10, num_layers=4,
+              hidden_size=8, method=method, sg_hidden_layers=1,
+              sg_hidden_size=16, learning_rate=1e-2, lr_boundaries=())
+  args.update(kw)
+  return dni_jax.FeedForwardConfig(**args)
+
+
+@functools.lru_cache(maxsize=None)
+def make(config, jit=True):
+  """One factory call per configuration, so tests share compiled functions."""
+  return dni_jax.make_feedforward(config, jit=jit)
+
+
+def batch(seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  images = jax.random.uniform(k1, (B, 4, 4, 1))
+  labels = jax.random.randint(k2, (B,), 0, 10)
+  return images, labels
+
+
+def perturb(tree, seed, scale=0.3):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      l + scale * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+
+
+def whole_network_loss(modules, layer_params, head_params, batch_stats, x,
+                       labels):
+  """Reference: the network as one ordinary function (train-mode BN)."""
+  for params, stats in zip(layer_params, batch_stats):
+    x, _ = modules.hidden.apply({'params': params, 'batch_stats': stats}, x,
+                                train=True, mutable=['batch_stats'])
+  logits = modules.head.apply({'params': head_params}, x, train=True)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def test_synthetic_gradient_model_starts_at_zero():
+  for method, sg_layers in (('dni', 2), ('cdni', 0), ('dni', 1)):
+    ff = make(small_config(method,
+                                               sg_hidden_layers=sg_layers))
+    state = ff.init(jax.random.key(0))
+    images, labels = batch()
+    h = jax.random.normal(jax.random.key(3), (B, 8))
+    g = ff.synthetic_gradient(state.synthetic[0], h, ff.context(labels))
+    chex.assert_shape(g, (B, 8))
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_cdni_synthetic_gradient_depends_on_label_and_dni_does_not():
+  images, labels = batch()
+  h = jax.random.normal(jax.random.key(3), (B, 8))
+  for method, expect_change in (('cdni', True), ('dni', False)):
+    ff = make(small_config(method))
+    state = ff.init(jax.random.key(0))
+    sg = state.synthetic[0]._replace(params=perturb(state.synthetic[0].params, 1))
+    g1 = ff.synthetic_gradient(sg, h, ff.context(labels))
+    g2 = ff.synthetic_gradient(sg, h, ff.context((labels + 1) % 10))
+    assert bool(jnp.any(jnp.abs(g1 - g2) > 1e-6)) == expect_change
+
+
+def test_bprop_step_equals_whole_network_gradient_step():
+  config = small_config('bprop')
+  ff = make(config)
+  state = ff.init(jax.random.key(0))
+  images, labels = batch()
+  new_state, metrics = ff.train_step(state, images, labels)
+
+  modules = ff.modules
+  layer_params = [s.params for s in state.layers]
+  stats = [s.batch_stats for s in state.layers]
+  x = layers.flatten(images)
+  loss, (g_layers, g_head) = jax.value_and_grad(
+      lambda lp, hp: whole_network_loss(modules, lp, hp, stats, x, labels),
+      argnums=(0, 1))(layer_params, state.head.params)
+  np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-6)
+  for old, grads, new in zip(state.layers, g_layers, new_state.layers):
+    updates, _ = modules.tx.update(grads, old.opt_state, old.params)
+    chex.assert_trees_all_close(optax.apply_updates(old.params, updates),
+                                new.params, rtol=1e-5, atol=1e-6)
+  updates, _ = modules.tx.update(g_head, state.head.opt_state,
+                                 state.head.params)
+  chex.assert_trees_all_close(optax.apply_updates(state.head.params, updates),
+                              new_state.head.params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('method', ['dni', 'cdni'])
+def test_oracle_synthetic_gradient_makes_dni_equal_backprop(method):
+  """Gradient source = the true dL/dh (per example): the decoupled per-layer
+  updates reproduce the backprop step exactly."""
+  config = small_config(method)
+  ff = make(config)
+  bp = make(small_config('bprop'))
+  state = ff.init(jax.random.key(0))
+  images, labels = batch()
+  modules = ff.modules
+
+  # Forward once to get every layer's input, then the oracle for each output.
+  inputs, x = [], layers.flatten(images)
+  for s in state.layers:
+    inputs.append(x)
+    x = ff.hidden_forward(s, x)
+  inputs.append(x)
+  stats = [s.batch_stats for s in state.layers]
+
+  def loss_from(i, h):
+    lp = [s.params for s in state.layers]
+    rest = whole_network_loss(modules, lp[i + 1:], state.head.params,
+                              stats[i + 1:], h, labels)
+    return rest
+
+  new_layers = []
+  for i, s in enumerate(state.layers):
+    oracle = B * jax.grad(loss_from, argnums=1)(i, inputs[i + 1])
+    oracle_source = lambda h, g=oracle: g
+    new_s, h, _, grad_h = ff_lib.layer_update(modules.hidden, modules.tx, s,
+                                              inputs[i], oracle_source)
+    chex.assert_trees_all_close(h, inputs[i + 1], rtol=1e-6)
+    new_layers.append(new_s)
+  new_head, _, _, _ = ff.head_update(state.head, inputs[-1], labels)
+
+  bp_state, _ = bp.train_step(bp.init(jax.random.key(0)), images, labels)
+  for ours, theirs in zip(new_layers, bp_state.layers):
+    chex.assert_trees_all_close(ours.params, theirs.params, rtol=1e-5,
+                                atol=1e-6)
+    chex.assert_trees_all_close(ours.batch_stats, theirs.batch_stats,
+                                rtol=1e-6)
+  chex.assert_trees_all_close(new_head.params, bp_state.head.params,
+                              rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('method', ['dni', 'cdni'])
+def test_first_dni_step_equals_no_bprop_step(method):
+  """A.1: the zero-initialised final SG layer emits zero gradients."""
+  images, labels = batch()
+  dni = make(small_config(method))
+  nob = make(small_config('no_bprop'))
+  s_dni, _ = dni.train_step(dni.init(jax.random.key(0)), images, labels)
+  s_nob, _ = nob.train_step(nob.init(jax.random.key(0)), images, labels)
+  chex.assert_trees_all_close((s_dni.layers, s_dni.head),
+                              (s_nob.layers, s_nob.head), rtol=1e-6)
+  # No-Bprop leaves all but the classifier's weights unchanged... by zero
+  # gradients, Adam moves nothing: the hidden layers' params did not change.
+  s0 = nob.init(jax.random.key(0))
+  chex.assert_trees_all_close([s.params for s in s_nob.layers],
+                              [s.params for s in s0.layers])
+  # ...while DNI's synthetic-gradient models did learn from their targets.
+  s0 = dni.init(jax.random.key(0))
+  assert not np.allclose(
+      jax.tree.leaves(s_dni.synthetic[-1].params)[-1],
+      jax.tree.leaves(s0.synthetic[-1].params)[-1])
+
+
+@pytest.mark.parametrize('method', ['dni', 'cdni', 'no_bprop'])
+def test_fused_step_equals_per_layer_jitted_steps(method):
+  ff = make(small_config(method))
+  fused = per_layer = ff.init(jax.random.key(0))
+  for step in range(3):
+    images, labels = batch(step)
+    fused, m_fused = ff.train_step(fused, images, labels)
+    per_layer, m_layer = dni_jax.per_layer_train_step(ff, per_layer, images,
+                                                      labels)
+    chex.assert_trees_all_close(fused, per_layer, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(m_fused, m_layer, rtol=1e-5, atol=1e-6)
+  assert int(fused.step) == 3
+
+
+def test_unjitted_factory_matches_jitted():
+  images, labels = batch()
+  a = make(small_config('dni'))
+  b = make(small_config('dni'), jit=False)
+  sa, _ = a.train_step(a.init(jax.random.key(0)), images, labels)
+  sb, _ = b.train_step(b.init(jax.random.key(0)), images, labels)
+  chex.assert_trees_all_close(sa, sb, rtol=1e-5, atol=1e-6)
+
+
+def test_synthetic_gradient_targets_are_bootstrapped_and_true_at_top():
+  """Top model's target = true dL/dh_{N-1}; lower targets = the layer above's
+  vjp of its own synthetic gradient (Fig. 2)."""
+  config = small_config('dni')
+  ff = make(config)
+  state = ff.init(jax.random.key(0))
+  state = state._replace(synthetic=tuple(
+      s._replace(params=perturb(s.params, i)) for i, s in
+      enumerate(state.synthetic)))
+  images, labels = batch()
+  x = layers.flatten(images)
+  hs = [x]
+  for s in state.layers:
+    hs.append(ff.hidden_forward(s, hs[-1]))
+  # Top: true gradient of the loss w.r.t. the classifier's input.
+  _, top_target, loss, _ = ff.head_update(state.head, hs[-1], labels)
+  true_top = B * jax.grad(lambda h: whole_network_loss(
+      ff.modules, [], state.head.params, [], h, labels))(hs[-1])
+  chex.assert_trees_all_close(top_target, true_top, rtol=1e-5, atol=1e-6)
+  # Layer 2's returned input gradient = its vjp applied to M_3(h_2).
+  _, h2, target1, ghat2 = ff.hidden_update(state.layers[1], state.synthetic[1],
+                                           hs[1], None)
+  _, vjp_fn, _ = ff_lib.module_vjp(ff.modules.hidden, state.layers[1], hs[1])
+  _, expected = interface.pull_back(vjp_fn, ghat2)
+  chex.assert_trees_all_close(target1, expected, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(ghat2).sum()) > 0
+
+
+def test_synthetic_update_fits_a_fixed_target():
+  ff = make(small_config('dni', learning_rate=3e-2))
+  sg = ff.init(jax.random.key(0)).synthetic[0]
+  h = jax.random.normal(jax.random.key(1), (B, 8))
+  target = jnp.tanh(h @ jax.random.normal(jax.random.key(2), (8, 8)))
+  losses = []
+  for _ in range(100):
+    sg, loss = ff.synthetic_update(sg, h, None, target)
+    losses.append(float(loss))
+  assert losses[-1] < 0.05 * losses[0]
+
+
+def test_learning_rate_schedule_steps_down():
+  config = small_config('dni', learning_rate=1.0, lr_boundaries=(3, 5),
+                        lr_decay=0.1)
+  sched = ff_lib.learning_rate_schedule(config)
+  np.testing.assert_allclose([sched(i) for i in (0, 2, 3, 4, 5, 9)],
+                             [1, 1, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(method='sgd'), 'method'),
+    (dict(num_layers=1), 'num_layers'),
+    (dict(sg_hidden_layers=3), 'sg_hidden_layers'),
+    (dict(learning_rate=-1.0), 'learning_rate'),
+    (dict(learning_rate=float('nan')), 'learning_rate'),
+    (dict(lr_boundaries=(5, 3)), 'lr_boundaries'),
+    (dict(lr_decay=0.0), 'lr_decay'),
+    (dict(hidden_size=0), 'hidden_size'),
+])
+def test_config_rejects_bad_values(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    small_config(kwargs.pop('method', 'dni'), **kwargs)
+
+
+def test_per_layer_step_refuses_bprop():
+  ff = make(small_config('bprop'))
+  with pytest.raises(ValueError, match='update locked'):
+    dni_jax.per_layer_train_step(ff, ff.init(jax.random.key(0)), *batch())
+
+
+@pytest.mark.parametrize('method', dni_jax.METHODS)
+def test_every_method_learns(method):
+  """Loss on a fixed learnable problem falls well below chance for all methods."""
+  config = small_config(method, learning_rate=1e-2)
+  ff = make(config)
+  state = ff.init(jax.random.key(0))
+  k1, k2 = jax.random.split(jax.random.key(7))
+  labels = jax.random.randint(k2, (64,), 0, 10)
+  images = (jax.random.uniform(k1, (64, 4, 4, 1)) * 0.3
+            + jax.nn.one_hot(labels, 16).reshape(64, 4, 4, 1))
+  first = None
+  for step in range(300):
+    state, metrics = ff.train_step(state, images, labels)
+    first = float(metrics['loss']) if first is None else first
+  chex.assert_tree_all_finite(state)
+  assert float(metrics['loss']) < 0.6 * first
+  if method in ('bprop', 'cdni'):
+    logits = ff.predict(state, images)
+    assert float(jnp.mean(jnp.argmax(logits, -1) == labels)) > 0.8
