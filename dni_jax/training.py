@@ -33,6 +33,13 @@ RESULT_FILE = 'result.json'
 CHECKPOINT_DIR = 'checkpoints'
 
 
+def quiet_orbax_logging() -> None:
+  """Orbax logs every save step at INFO through absl; keep its warnings only."""
+  def keep(record):
+    return record.levelno >= 30 or '/orbax/' not in record.pathname
+  logging.get_absl_logger().addFilter(keep)
+
+
 class WorkdirError(ValueError):
   """The workdir cannot be used as asked (another run's, or unreadable)."""
 
@@ -213,8 +220,9 @@ def evaluate(eval_batch: Callable, state: Any, images: Array, labels: Array,
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
-  return {'test_loss': float(totals['loss_sum']) / count,
-          'test_error': 100.0 * (1.0 - float(totals['num_correct']) / count)}
+  return {'test_loss': round(float(totals['loss_sum']) / count, 6),
+          'test_error': round(100.0 * (1.0 - float(totals['num_correct'])
+                                       / count), 4)}
 
 
 # ---------------------------------------------------------------------------
@@ -267,6 +275,7 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
   zero = jnp.zeros((), jnp.float32)
   payload = {'state': init_state, 'train_loss_sum': zero,
              'train_loss_count': zero}
+  quiet_orbax_logging()
   checkpointer = Checkpointer(workdir)
   start_step, restored = checkpointer.restore_latest(
       jax.eval_shape(lambda: payload))
@@ -307,8 +316,11 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
         _check_finite(step, fetched)
         now = time.perf_counter()
         rate = (step - step_last) / max(now - t_last, 1e-9)
-        train_time += now - t_last
-        timed_steps += step - step_last
+        if step_last > start_step or step == loop.num_steps:
+          # The first interval holds compilation: not part of steps_per_sec
+          # unless it is the only one.
+          train_time += now - t_last
+          timed_steps += step - step_last
         t_last, step_last = now, step
         eta = (loop.num_steps - step) / max(rate, 1e-9)
         logging.info('step %d/%d  loss %.4f  %.1f steps/s  ETA %s', step,

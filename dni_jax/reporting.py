@@ -1,0 +1,103 @@
+"""Paper-style tables and learning curves from finished workdirs."""
+
+import json
+import os
+from typing import NamedTuple
+
+# Table 1 of the paper, final test error (%) after 500k iterations; for
+# comparison only -- never reported as ours.
+PAPER_TABLE1 = {
+    'mnist_fcn': {
+        3: {'no_bprop': 9.3, 'bprop': 2.0, 'dni': 1.9, 'cdni': 2.2},
+        4: {'no_bprop': 12.6, 'bprop': 1.8, 'dni': 2.2, 'cdni': 1.9},
+        5: {'no_bprop': 16.2, 'bprop': 1.8, 'dni': 3.4, 'cdni': 1.7},
+        6: {'no_bprop': 21.4, 'bprop': 1.8, 'dni': 4.3, 'cdni': 1.6},
+    },
+    'cifar10_fcn': {
+        3: {'no_bprop': 54.9, 'bprop': 43.5, 'dni': 42.5, 'cdni': 48.5},
+        4: {'no_bprop': 57.2, 'bprop': 43.0, 'dni': 45.0, 'cdni': 45.1},
+        5: {'no_bprop': 59.6, 'bprop': 41.7, 'dni': 46.9, 'cdni': 43.5},
+        6: {'no_bprop': 61.9, 'bprop': 42.0, 'dni': 49.7, 'cdni': 46.8},
+    },
+}
+METHOD_ORDER = ('no_bprop', 'bprop', 'dni', 'cdni')
+
+
+class Run(NamedTuple):
+  workdir: str
+  config: dict
+  metrics: list[dict]
+  result: dict | None   # None: the run has not finished.
+
+
+def load_run(workdir: str) -> Run:
+  def read(name):
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+  config = read('config.json')
+  if config is None:
+    raise ValueError(f'{workdir}: no config.json; not a dni_jax workdir')
+  metrics = []
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(path):
+    with open(path) as f:
+      metrics = [json.loads(l) for l in f if l.strip()]
+  return Run(workdir, config, metrics, read('result.json'))
+
+
+def feedforward_table(runs: list[Run], paper: str | None = None) -> str:
+  """Markdown: one row per depth, final (best) test error per method, with the
+  paper's Table 1 value beside it when `paper` names one of its blocks."""
+  cells: dict[int, dict[str, str]] = {}
+  for run in runs:
+    layers, method = run.config['num_layers'], run.config['method']
+    if run.result is None:
+      text = 'unfinished'
+    else:
+      text = (f'{run.result["test_error"]:.2f} '
+              f'({run.result["best_test_error"]:.2f})')
+    cells.setdefault(layers, {})[method] = text
+  methods = [m for m in METHOD_ORDER if any(m in c for c in cells.values())]
+  reference = PAPER_TABLE1.get(paper, {}) if paper else {}
+  header = ['Layers'] + [f'{m} ours' for m in methods]
+  if reference:
+    header += [f'{m} paper' for m in methods]
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '---|' * len(header)]
+  for layers in sorted(cells):
+    row = [str(layers)] + [cells[layers].get(m, '') for m in methods]
+    if reference:
+      row += [str(reference.get(layers, {}).get(m, '')) for m in methods]
+    lines.append('| ' + ' | '.join(row) + ' |')
+  return '\n'.join(lines)
+
+
+def plot_learning_curves(runs: list[Run], path: str,
+                         key: str = 'test_error') -> None:
+  """One panel per depth, one test-error curve per method; saved as PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  depths = sorted({r.config['num_layers'] for r in runs})
+  fig, axes = plt.subplots(1, len(depths), figsize=(4 * len(depths), 3.2),
+                           squeeze=False, sharey=True)
+  for ax, depth in zip(axes[0], depths):
+    for run in sorted((r for r in runs if r.config['num_layers'] == depth),
+                      key=lambda r: METHOD_ORDER.index(r.config['method'])
+                      if r.config['method'] in METHOD_ORDER else 99):
+      steps = [m['step'] for m in run.metrics]
+      values = [m[key] for m in run.metrics]
+      ax.plot(steps, values, marker='.', label=run.config['method'])
+    ax.set_title(f'{depth} layers')
+    ax.set_xlabel('step')
+    ax.set_yscale('log')
+    ax.grid(True, which='both', alpha=0.3)
+  axes[0][0].set_ylabel(key.replace('_', ' ') + (' (%)' if 'error' in key
+                                                  else ''))
+  axes[0][-1].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

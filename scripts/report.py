@@ -1,0 +1,36 @@
+r"""Markdown table and learning-curve PNG from dni_jax workdirs.
+
+  python scripts/report.py --paper_table=mnist_fcn --plot=curves.png RUNS/*
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from dni_jax import reporting
+
+flags.DEFINE_enum('paper_table', None, list(reporting.PAPER_TABLE1),
+                  "Put this block of the paper's Table 1 beside ours.")
+flags.DEFINE_string('plot', None, 'Write test-error curves to this PNG.')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  workdirs = argv[1:]
+  if not workdirs:
+    print('report.py: error: give at least one workdir', file=sys.stderr)
+    sys.exit(1)
+  try:
+    runs = [reporting.load_run(w) for w in workdirs]
+  except (ValueError, OSError) as e:
+    print(f'report.py: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(reporting.feedforward_table(runs, FLAGS.paper_table))
+  if FLAGS.plot:
+    reporting.plot_learning_curves(runs, FLAGS.plot)
+    print(f'\nwrote {FLAGS.plot}')
+
+
+if __name__ == '__main__':
+  app.run(main)
