@@ -161,7 +161,9 @@ class Checkpointer:
   def restore_latest(self, abstract_payload: Any):
     """(step, payload) of the newest checkpoint that restores, or (0, None).
 
-    A corrupt or half-written checkpoint is reported and the one before used.
+    A corrupt or half-written checkpoint is reported, moved aside to
+    WORKDIR/checkpoints_unreadable/<step> (so training can save that step
+    again), and the one before used.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -169,9 +171,16 @@ class Checkpointer:
             step, args=ocp.args.StandardRestore(abstract_payload))
         return step, payload
       except Exception as e:  # pylint: disable=broad-except
-        logging.error('checkpoint %s/%d is unreadable (%s: %s); trying the '
-                      'previous one', self.directory, step, type(e).__name__,
-                      str(e).splitlines()[0] if str(e) else '')
+        aside = os.path.join(os.path.dirname(self.directory),
+                             'checkpoints_unreadable', str(step))
+        logging.error('checkpoint %s/%d is unreadable (%s: %s); moved to %s, '
+                      'trying the previous one', self.directory, step,
+                      type(e).__name__,
+                      str(e).splitlines()[0] if str(e) else '', aside)
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(os.path.join(self.directory, str(step)), aside)
+        self.manager.reload()
     return 0, None
 
   def close(self) -> None:

@@ -1,0 +1,207 @@
+"""The workdir contract, resume, guards and the train_ff.py script."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dni_jax
+from dni_jax import experiments
+from dni_jax import training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_FF = os.path.join(REPO, 'scripts', 'train_ff.py')
+
+
+def tiny_experiment(workdir, data_dir, **kw):
+  args = dict(workdir=str(workdir), dataset='mnist', data_dir=data_dir,
+              num_layers=3, hidden_size=32, method='cdni', sg_hidden_size=32,
+              learning_rate=3e-3, lr_boundaries=(), batch_size=32,
+              num_steps=20, eval_every=5, log_every=5, checkpoint_every=5)
+  args.update(kw)
+  return experiments.FeedForwardExperiment(**args)
+
+
+def read_lines(path):
+  with open(path) as f:
+    return [json.loads(l) for l in f]
+
+
+def run_script(*args):
+  return subprocess.run([sys.executable, TRAIN_FF, *args], capture_output=True,
+                        text=True, timeout=300, cwd=REPO)
+
+
+def test_script_writes_the_workdir_contract_and_learns(tmp_path, mnist_dir):
+  workdir = tmp_path / 'run'
+  proc = run_script(f'--workdir={workdir}', '--dataset=mnist',
+                    f'--data_dir={mnist_dir}', '--method=dni',
+                    '--num_layers=3', '--hidden_size=32', '--sg_hidden_size=32',
+                    '--learning_rate=3e-3', '--lr_boundaries=', '--batch_size=32',
+                    '--num_steps=60', '--eval_every=20', '--log_every=10',
+                    '--checkpoint_every=30')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'steps/s' in proc.stderr and 'ETA' in proc.stderr
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['method'] == 'dni' and config['num_steps'] == 60
+  assert config['sg_hidden_layers'] == 2     # A.1 default for DNI, resolved.
+  assert config['lr_boundaries'] == []
+  rows = read_lines(workdir / 'metrics.jsonl')
+  assert [r['step'] for r in rows] == [20, 40, 60]
+  for r in rows:
+    assert {'step', 'train_loss', 'test_error', 'test_loss', 'sg_loss'} <= set(r)
+    assert len(r['sg_loss']) == 2            # 3 layers: 2 DNIs.
+  result = json.loads((workdir / 'result.json').read_text())
+  for key in ('test_error', 'best_test_error', 'num_steps', 'steps_per_sec'):
+    assert key in result
+  assert result['test_error'] == rows[-1]['test_error']
+  assert result['test_error'] < 30.0         # Chance is 90%.
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['30', '60']
+
+
+@pytest.mark.parametrize('args, needle', [
+    (['--num_layers=1'], '--num_layers=1'),
+    (['--learning_rate=0'], '--learning_rate=0.0'),
+    (['--lr_boundaries=5,x'], '--lr_boundaries=5,x'),
+    (['--sg_hidden_layers=3'], '--sg_hidden_layers=3'),
+    (['--data_dir=/nonexistent/mnist'], '/nonexistent/mnist'),
+])
+def test_script_bad_input_is_one_clear_line(tmp_path, mnist_dir, args, needle):
+  workdir = tmp_path / 'run'
+  base = [f'--workdir={workdir}', f'--data_dir={mnist_dir}', '--num_steps=2']
+  proc = run_script(*base, *args)
+  assert proc.returncode == 1
+  errors = [l for l in proc.stderr.splitlines() if 'error:' in l]
+  assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+  assert not (workdir / 'result.json').exists()
+
+
+def test_script_requires_workdir(mnist_dir):
+  proc = run_script(f'--data_dir={mnist_dir}')
+  assert proc.returncode == 1 and '--workdir is required' in proc.stderr
+
+
+def _interrupting(train_step, at_step):
+  calls = {'n': 0}
+  def step(state, images, labels):
+    calls['n'] += 1
+    if calls['n'] > at_step:
+      raise KeyboardInterrupt('simulated crash')
+    return train_step(state, images, labels)
+  return step
+
+
+def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, mnist_dir,
+                                                         monkeypatch):
+  full = tiny_experiment(tmp_path / 'full', mnist_dir)
+  experiments.train_feedforward(full)
+
+  crashed = tiny_experiment(tmp_path / 'crashed', mnist_dir)
+  real_make = dni_jax.feedforward.make_feedforward
+  def make_crashing(config, **kw):
+    ff = real_make(config, **kw)
+    return ff._replace(train_step=_interrupting(ff.train_step, 13))
+  monkeypatch.setattr(dni_jax.feedforward, 'make_feedforward', make_crashing)
+  with pytest.raises(KeyboardInterrupt):
+    experiments.train_feedforward(crashed)
+  monkeypatch.undo()
+  assert not (tmp_path / 'crashed' / 'result.json').exists()
+  assert [r['step'] for r in read_lines(tmp_path / 'crashed' /
+                                        'metrics.jsonl')] == [5, 10]
+  result = experiments.train_feedforward(crashed)
+  assert result['resumed_from_step'] == 10
+  assert (read_lines(tmp_path / 'full' / 'metrics.jsonl')
+          == read_lines(tmp_path / 'crashed' / 'metrics.jsonl'))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, mnist_dir):
+  exp = tiny_experiment(tmp_path / 'run', mnist_dir, num_steps=10)
+  experiments.train_feedforward(exp)
+  os.remove(tmp_path / 'run' / 'result.json')   # As if killed at the end.
+  latest = tmp_path / 'run' / 'checkpoints' / '10'
+  for root, _, files in os.walk(latest):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  result = experiments.train_feedforward(exp)
+  assert result['resumed_from_step'] == 5
+  assert os.listdir(tmp_path / 'run' / 'checkpoints_unreadable') == ['10']
+  assert [r['step'] for r in read_lines(tmp_path / 'run' /
+                                        'metrics.jsonl')] == [5, 10]
+
+
+def test_finished_workdir_is_not_retrained(tmp_path, mnist_dir):
+  exp = tiny_experiment(tmp_path / 'run', mnist_dir, num_steps=5)
+  first = experiments.train_feedforward(exp)
+  mtime = os.path.getmtime(tmp_path / 'run' / 'metrics.jsonl')
+  assert experiments.train_feedforward(exp) == first
+  assert os.path.getmtime(tmp_path / 'run' / 'metrics.jsonl') == mtime
+
+
+def test_workdir_with_other_config_is_refused_unless_overwrite(tmp_path):
+  workdir = str(tmp_path / 'run')
+  assert training.prepare_workdir(workdir, {'a': 1, 'b': 2}, False) == 'new'
+  assert training.prepare_workdir(workdir, {'a': 1, 'b': 2}, False) == 'resume'
+  with pytest.raises(training.WorkdirError, match='differs in: b'):
+    training.prepare_workdir(workdir, {'a': 1, 'b': 3}, False)
+  (tmp_path / 'run' / 'metrics.jsonl').write_text('{"step": 1}\n')
+  assert training.prepare_workdir(workdir, {'a': 1, 'b': 3}, True) == 'new'
+  assert sorted(os.listdir(workdir)) == ['config.json']
+  other = tmp_path / 'other'
+  other.mkdir()
+  (other / 'notes.txt').write_text('mine')
+  with pytest.raises(training.WorkdirError, match='not a run of this project'):
+    training.prepare_workdir(str(other), {'a': 1}, False)
+
+
+@pytest.mark.parametrize('bad, message', [
+    ({'loss': jnp.nan}, 'non-finite loss at step 3'),
+    ({'loss': 1.0, 'sg_loss': jnp.array([0.1, jnp.inf])},
+     r'non-finite sg_loss of interface\(s\) \[2\] at step 3'),
+])
+def test_non_finite_values_stop_training_with_a_named_quantity(
+    tmp_path, mnist_dir, bad, message):
+  exp = tiny_experiment(tmp_path / 'run', mnist_dir)
+  ff = dni_jax.make_feedforward(dni_jax.FeedForwardConfig(
+      input_shape=(28, 28, 1), num_layers=3, hidden_size=8, method='cdni',
+      sg_hidden_layers=0))
+  def step(state, images, labels):
+    state, metrics = ff.train_step(state, images, labels)
+    return state, {**metrics, **bad}
+  data = dni_jax.data.load_dataset('mnist', 'train', mnist_dir)
+  with pytest.raises(training.TrainingError, match=message):
+    training.fit(workdir=exp.workdir, loop=training.LoopConfig(
+        num_steps=6, eval_every=6, log_every=3, checkpoint_every=6,
+        batch_size=32, seed=0), init_state=ff.init(jax.random.key(0)),
+        train_step=step, eval_batch=ff.eval_batch,
+        train_data=(data.images, data.labels),
+        test_data=(data.images, data.labels))
+
+
+def test_epoch_sampler_depends_only_on_seed_and_step():
+  a = training.EpochSampler(100, 32, seed=3)
+  b = training.EpochSampler(100, 32, seed=3)
+  seq = [a.indices(s) for s in range(7)]
+  np.testing.assert_array_equal(b.indices(5), seq[5])   # Random access.
+  epoch0 = np.concatenate(seq[:3])
+  assert len(set(epoch0.tolist())) == 96                # No repeats in an epoch.
+  assert not np.array_equal(seq[0], seq[3])             # Reshuffled per epoch.
+  with pytest.raises(ValueError, match='batch_size=200'):
+    training.EpochSampler(100, 200, seed=0)
+
+
+def test_tfds_source_trains_end_to_end(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  exp = experiments.FeedForwardExperiment(
+      workdir=str(tmp_path / 'run'), dataset='mnist', data_source='tfds',
+      data_dir=str(tmp_path / 'tfds'), num_layers=2, hidden_size=8,
+      method='cdni', batch_size=8, num_steps=2, eval_every=2, log_every=1,
+      checkpoint_every=2)
+  with tfds.testing.mock_data(num_examples=16):
+    result = experiments.train_feedforward(exp)
+  assert result['num_steps'] == 2 and 0 <= result['test_error'] <= 100
