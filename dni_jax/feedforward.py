@@ -285,11 +285,29 @@ def hidden_forward(modules: Modules, layer_state: ModuleState, x: Array,
   return h
 
 
-def _train_metrics(loss, logits, labels, sg_losses):
-  return {'loss': loss,
-          'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-          'sg_loss': (jnp.stack(sg_losses) if sg_losses
-                      else jnp.zeros((0,), jnp.float32))}
+def _all_finite(tree) -> Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(l))
+                            for l in jax.tree.leaves(tree)]))
+
+
+def _train_metrics(loss, logits, labels, sg_losses, new_modules,
+                   activations, synthetic_gradients):
+  """Scalars and per-module health flags (checked by the training loop)."""
+  vector = lambda xs, dtype: (jnp.stack(xs) if xs else jnp.zeros((0,), dtype))
+  return {
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+      'sg_loss': vector(sg_losses, jnp.float32),
+      # Layers 1..N (N = the classifier): parameters finite after the update.
+      'layer_finite': vector([_all_finite(m.params) for m in new_modules],
+                             jnp.bool_),
+      # Hidden layers 1..N-1: their outputs h_i.
+      'activation_finite': vector(
+          [jnp.all(jnp.isfinite(h)) for h in activations], jnp.bool_),
+      # Interfaces 1..N-1: the synthetic gradient each layer received.
+      'synthetic_gradient_finite': vector(
+          [jnp.all(jnp.isfinite(g)) for g in synthetic_gradients], jnp.bool_),
+  }
 
 
 def train_step(modules: Modules, method: str, state: FeedForwardState,
@@ -308,9 +326,10 @@ def train_step(modules: Modules, method: str, state: FeedForwardState,
     num_hidden = len(state.layers)
     # Update locked: forward everything, then pull the true gradient back
     # layer by layer through the same vjps.
-    vjps, stats = [], []
+    vjps, stats, activations = [], [], []
     for layer_state in state.layers:
       x, vjp_fn, batch_stats = module_vjp(modules.hidden, layer_state, x)
+      activations.append(x)
       vjps.append(vjp_fn)
       stats.append(batch_stats)
     head, grad, loss, logits = head_update(modules, state.head, x, labels)
@@ -320,7 +339,8 @@ def train_step(modules: Modules, method: str, state: FeedForwardState,
       new_layers[i] = apply_gradients(modules.tx, state.layers[i], param_grads,
                                       stats[i])
     new_state = FeedForwardState(tuple(new_layers), head, (), state.step + 1)
-    return new_state, _train_metrics(loss, logits, labels, [])
+    return new_state, _train_metrics(loss, logits, labels, [],
+                                     new_layers + [head], activations, [])
 
   if method not in METHODS:
     raise ValueError(f'unknown method {method!r}; expected one of {METHODS}')
@@ -355,12 +375,14 @@ def decoupled_schedule(fns: LayerFunctions, use_synthetic: bool,
   """
   x = layers.flatten(images)
   context = fns.context(labels)
-  new_layers, interface_inputs, targets = [], [], []
+  new_layers, interface_inputs, targets, grads_h = [], [], [], []
   for i, layer_state in enumerate(state.layers):
     sg_state = state.synthetic[i] if use_synthetic else None
-    layer_state, x, grad_x, _ = fns.hidden_update(layer_state, sg_state, x,
-                                                  context)
+    layer_state, x, grad_x, grad_h = fns.hidden_update(layer_state, sg_state,
+                                                       x, context)
     new_layers.append(layer_state)
+    if use_synthetic:
+      grads_h.append(grad_h)
     interface_inputs.append(x)
     if i > 0:
       targets.append(grad_x)  # Bootstrapped target for synthetic[i - 1].
@@ -375,7 +397,9 @@ def decoupled_schedule(fns: LayerFunctions, use_synthetic: bool,
       sg_losses.append(sg_loss)
   new_state = FeedForwardState(tuple(new_layers), head, tuple(new_synthetic),
                                state.step + 1)
-  return new_state, _train_metrics(loss, logits, labels, sg_losses)
+  return new_state, _train_metrics(loss, logits, labels, sg_losses,
+                                   new_layers + [head], interface_inputs,
+                                   grads_h)
 
 
 def predict(modules: Modules, state: FeedForwardState, images: Array) -> Array:

@@ -247,16 +247,60 @@ class LoopConfig(NamedTuple):
   seed: int
 
 
-def _check_finite(step: int, metrics: dict) -> None:
+def _health_flags(metrics: dict) -> dict[str, Array]:
+  """Per-quantity finiteness of one step's metrics (True = healthy)."""
+  flags = {}
   for name, value in metrics.items():
-    arr = np.asarray(value)
-    if arr.size and not np.all(np.isfinite(arr)):
-      where = name
-      if arr.ndim == 1:
-        bad = [i + 1 for i in range(arr.size) if not np.isfinite(arr[i])]
-        where = f'{name} of interface(s) {bad}'
-      raise TrainingError(f'non-finite {where} at step {step}; the last good '
-                          'checkpoint is kept')
+    value = jnp.asarray(value)
+    flags[name] = value if name.endswith('_finite') else jnp.isfinite(value)
+  return flags
+
+
+@jax.jit
+def _track_health(health: dict, step: Array, metrics: dict) -> dict:
+  """Keeps the flags of the first unhealthy step, on device (no host sync)."""
+  flags = _health_flags(metrics)
+  ok = jnp.all(jnp.stack([jnp.all(f) for f in jax.tree.leaves(flags)]))
+  first = (health['step'] < 0) & ~ok
+  return {'step': jnp.where(first, step, health['step']),
+          'flags': jax.tree.map(lambda new, old: jnp.where(first, new, old),
+                                flags, health['flags'])}
+
+
+# What a False flag at index i-1 means, in causal order: a non-finite output
+# of layer i spreads to everything above it and to every gradient; given
+# finite outputs, a non-finite synthetic gradient can only come from the model
+# on its own interface; given finite synthetic gradients, a non-finite layer
+# comes from its own update; regression targets flow downwards, so the highest
+# bad synthetic-gradient loss is the origin. The first found is reported.
+_CAUSAL_ORDER = (
+    ('activation_finite', 'output of layer {i}', min),
+    ('synthetic_gradient_finite', 'synthetic gradient on interface {i} '
+     '(from the model above layer {i})', min),
+    ('layer_finite', 'parameters or gradient of layer {i}', min),
+    ('sg_loss', 'synthetic-gradient loss on interface {i}', max),
+)
+
+
+def check_health(health: dict) -> None:
+  """Raises TrainingError naming the first non-finite step, module, quantity."""
+  health = jax.device_get(health)
+  step = int(health['step'])
+  if step < 0:
+    return
+  bad = {name: np.flatnonzero(~np.asarray(flag).reshape(-1)).tolist()
+         for name, flag in health['flags'].items()}
+  what = None
+  for name, template, pick in _CAUSAL_ORDER:
+    indices = bad.pop(name, [])
+    if indices:
+      what = template.format(i=pick(indices) + 1)
+      break
+  if what is None:
+    names = [name for name, indices in bad.items() if indices]
+    what = 'training loss' if 'loss' in names else ', '.join(names)
+  raise TrainingError(f'non-finite {what} at step {step}; stopped, the last '
+                      'good checkpoint is kept')
 
 
 class _StopRequested(Exception):
@@ -293,6 +337,7 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
     logging.info('resumed from %s/%d', checkpointer.directory, start_step)
   state = payload['state']
   loss_sum, loss_count = payload['train_loss_sum'], payload['train_loss_count']
+  health = None
   metrics_log = MetricsLog(workdir, start_step)
 
   stop = {'signal': None}
@@ -303,6 +348,8 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
               for s in (signal.SIGTERM, signal.SIGINT)}
 
   def save(step):
+    if health is not None:
+      check_health(health)  # Never checkpoint a non-finite state.
     checkpointer.save(step, {'state': state, 'train_loss_sum': loss_sum,
                              'train_loss_count': loss_count})
 
@@ -318,11 +365,16 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
       loss_sum = loss_sum + metrics['loss']
       loss_count = loss_count + 1.0
       step += 1
+      if health is None:
+        health = {'step': jnp.asarray(-1),
+                  'flags': jax.tree.map(jnp.ones_like,
+                                        _health_flags(metrics))}
+      health = _track_health(health, jnp.asarray(step), metrics)
 
       is_eval = step % loop.eval_every == 0 or step == loop.num_steps
       if step % loop.log_every == 0 or is_eval:
+        check_health(health)
         fetched = jax.device_get(metrics)
-        _check_finite(step, fetched)
         now = time.perf_counter()
         rate = (step - step_last) / max(now - t_last, 1e-9)
         if step_last > start_step or step == loop.num_steps:
@@ -372,7 +424,6 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
       'best_test_error': best['test_error'],
       'best_step': best['step'],
       'steps_per_sec': (timed_steps / train_time) if train_time > 0 else None,
-      'resumed_from_step': start_step,
   }
   result.update(extra_result or {})
   write_json_atomic(os.path.join(workdir, RESULT_FILE), result)
