@@ -25,6 +25,7 @@ class FeedForwardExperiment:
   num_layers: int = 4
   hidden_size: int = 256
   method: str = 'dni'
+  dni_layers: tuple[int, ...] | None = None  # None: after every layer.
   sg_hidden_layers: int | None = None   # None: the paper's choice (A.1).
   sg_hidden_size: int = 1024
   learning_rate: float = 3e-5
@@ -66,6 +67,16 @@ class FeedForwardExperiment:
       bad('lr_boundaries', 'must be positive, strictly increasing integers')
     if self.seed < 0:
       bad('seed', 'must be >= 0')
+    if self.dni_layers is not None:
+      if self.method == 'bprop':
+        raise ValueError('--dni_layers is set but --method=bprop has no '
+                         'interfaces; use dni, cdni or no_bprop')
+      if (list(self.dni_layers) != sorted(set(self.dni_layers)) or any(
+          not 1 <= k < self.num_layers for k in self.dni_layers)):
+        raise ValueError(
+            f'--dni_layers={",".join(map(str, self.dni_layers))}: must be '
+            f'strictly increasing layer numbers in 1..{self.num_layers - 1} '
+            '(k puts a DNI between layers k and k+1)')
     if not self.workdir:
       bad('workdir', 'is required')
 
@@ -81,6 +92,8 @@ class FeedForwardExperiment:
     record = dataclasses.asdict(self)
     record['sg_hidden_layers'] = self.resolved_sg_hidden_layers
     record['lr_boundaries'] = list(self.lr_boundaries)
+    if self.dni_layers is not None:
+      record['dni_layers'] = list(self.dni_layers)
     del record['overwrite']  # How to treat the workdir, not part of the run.
     return record
 
@@ -108,8 +121,14 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
       sg_hidden_size=exp.sg_hidden_size,
       learning_rate=exp.learning_rate,
       lr_boundaries=tuple(exp.lr_boundaries),
-      lr_decay=exp.lr_decay)
+      lr_decay=exp.lr_decay,
+      dni_layers=exp.dni_layers)
   ff = feedforward.make_feedforward(config)
+  diagnostics = None
+  if config.interfaces:
+    # Fig. 10, on a fixed batch of test examples at every evaluation.
+    probe = (test.images[:exp.batch_size], test.labels[:exp.batch_size])
+    diagnostics = lambda state: ff.diagnostics(state, *probe)
   loop = training.LoopConfig(
       num_steps=exp.num_steps, eval_every=exp.eval_every,
       log_every=exp.log_every, checkpoint_every=exp.checkpoint_every,
@@ -120,6 +139,7 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
       train_step=ff.train_step, eval_batch=ff.eval_batch,
       train_data=(train.images, train.labels),
       test_data=(test.images, test.labels),
+      diagnostics=diagnostics,
       extra_result={'method': exp.method, 'num_layers': exp.num_layers,
                     'dataset': exp.dataset,
                     'device': jax.devices()[0].device_kind})

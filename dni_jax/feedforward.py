@@ -57,6 +57,10 @@ class FeedForwardConfig:
   learning_rate: float = 3e-5
   lr_boundaries: tuple[int, ...] = (300_000, 400_000)
   lr_decay: float = 0.1
+  # Layers (1-based) followed by an interface (a DNI for dni/cdni, a zero
+  # gradient for no_bprop); None: after every hidden layer. Elsewhere
+  # gradients are backpropagated (Fig. 9). Bprop has no interfaces.
+  dni_layers: tuple[int, ...] | None = None
 
   def __post_init__(self):
     def bad(msg):
@@ -83,10 +87,34 @@ class FeedForwardConfig:
           'increasing')
     if not self.input_shape or any(d < 1 for d in self.input_shape):
       bad(f'input_shape={self.input_shape} must be non-empty and positive')
+    if self.dni_layers is not None:
+      if self.method == 'bprop':
+        bad('dni_layers is set but method=bprop has no interfaces; use dni, '
+            'cdni or no_bprop')
+      if (list(self.dni_layers) != sorted(set(self.dni_layers))
+          or any(not 1 <= k < self.num_layers for k in self.dni_layers)):
+        bad(f'dni_layers={self.dni_layers} must be strictly increasing layer '
+            f'numbers in 1..{self.num_layers - 1} (a DNI after layer k sits '
+            'between layers k and k+1)')
 
   @property
-  def num_interfaces(self) -> int:
-    return self.num_layers - 1
+  def interfaces(self) -> tuple[int, ...]:
+    """Layers (1-based) whose output crosses an interface."""
+    if self.method == 'bprop':
+      return ()
+    if self.dni_layers is None:
+      return tuple(range(1, self.num_layers))
+    return tuple(self.dni_layers)
+
+  @property
+  def blocks(self) -> tuple[tuple[int, ...], ...]:
+    """Hidden-layer indices (0-based) of each independently updated block.
+
+    The last block also holds the classifier (it may hold no hidden layer).
+    Bprop: one block; every-layer DNI: one hidden layer per block.
+    """
+    cuts = (0,) + self.interfaces + (self.num_layers - 1,)
+    return tuple(tuple(range(a, b)) for a, b in zip(cuts[:-1], cuts[1:]))
 
   @property
   def uses_synthetic_gradients(self) -> bool:
@@ -104,8 +132,9 @@ class FeedForwardState(NamedTuple):
   """State of an N-layer decoupled network."""
   layers: tuple[ModuleState, ...]     # Hidden layers 1..N-1.
   head: ModuleState                   # Layer N, the classifier.
-  synthetic: tuple[ModuleState, ...]  # synthetic[i] predicts the gradient of
-                                      # layers[i]'s output; () without DNI.
+  synthetic: tuple[ModuleState, ...]  # One per interface, bottom up:
+                                      # synthetic[j] predicts the gradient of
+                                      # the output of layer interfaces[j].
   step: Array                         # int32 scalar, training steps taken.
 
 
@@ -117,6 +146,9 @@ class Modules(NamedTuple):
   tx: optax.GradientTransformation
   conditioned: bool   # cDNI: synthetic gradients see the one-hot label.
   num_classes: int
+  blocks: tuple[tuple[int, ...], ...]   # FeedForwardConfig.blocks
+  interfaces: tuple[int, ...]           # FeedForwardConfig.interfaces
+  use_synthetic: bool                   # dni/cdni; False: zero gradients.
 
 
 def learning_rate_schedule(config: FeedForwardConfig) -> optax.Schedule:
@@ -133,7 +165,10 @@ def build_modules(config: FeedForwardConfig) -> Modules:
           config.sg_hidden_layers, config.sg_hidden_size, config.hidden_size),
       tx=optax.adam(learning_rate_schedule(config)),
       conditioned=config.method == 'cdni',
-      num_classes=config.num_classes)
+      num_classes=config.num_classes,
+      blocks=config.blocks,
+      interfaces=config.interfaces,
+      use_synthetic=config.uses_synthetic_gradients)
 
 
 # ---------------------------------------------------------------------------
@@ -174,27 +209,50 @@ def apply_gradients(tx: optax.GradientTransformation, state: ModuleState,
 GradientSource = Callable[[Array], Array]
 
 
-def layer_update(model, tx, state: ModuleState, x: Array,
-                 gradient_source: GradientSource):
+def chain_update(models, tx, states, x: Array, gradient_source: GradientSource):
   """The one update every method uses (Eq. 1, 2 and Fig. 2).
 
+  Updates a block -- a chain of modules with no interface inside -- from one
+  gradient source at its top: every module runs forward under `jax.vjp`, the
+  source gives the per-example gradient of the block's output, and the same
+  vjps pull it back through the block, updating each module. Every-layer DNI
+  uses one-layer blocks; Bprop is a single block ending in the loss.
+
   Args:
-    model, tx: the layer's Flax module and optimiser.
-    state: the layer's state.
-    x: its input (the output of the layer below, or the data).
-    gradient_source: maps the layer's output h to the per-example gradient the
-      interface above provides for it: synthetic (DNI), zero (No-Bprop), true
-      (Bprop) or an oracle.
+    models, tx: the modules' Flax definitions and the optimiser.
+    states: their states, bottom up.
+    x: the block's input (the output of the block below, or the data).
+    gradient_source: maps the block's output h to the gradient the interface
+      above provides for it: synthetic (DNI), zero (No-Bprop), the loss
+      gradient (top block), or an oracle.
 
   Returns:
-    (new_state, h, grad_x, grad_h): `grad_x` is the per-example gradient of the
-    input, obtained from the same vjp -- the target for the synthetic-gradient
-    model below; `grad_h` is what the gradient source gave.
+    (new_states, outputs, grad_x, grad_h): `outputs` are each module's output
+    (the last is h); `grad_x` is the per-example gradient of the input, from
+    the same vjps -- the target for the synthetic-gradient model below;
+    `grad_h` is what the gradient source gave.
   """
-  h, vjp_fn, batch_stats = module_vjp(model, state, x)
-  grad_h = gradient_source(h)
-  param_grads, grad_x = interface.pull_back(vjp_fn, grad_h)
-  return apply_gradients(tx, state, param_grads, batch_stats), h, grad_x, grad_h
+  vjps, stats, outputs = [], [], []
+  for model, state in zip(models, states):
+    x, vjp_fn, batch_stats = module_vjp(model, state, x)
+    vjps.append(vjp_fn)
+    stats.append(batch_stats)
+    outputs.append(x)
+  grad_h = gradient_source(x)
+  grad = grad_h
+  new_states = [None] * len(states)
+  for i in reversed(range(len(states))):
+    param_grads, grad = interface.pull_back(vjps[i], grad)
+    new_states[i] = apply_gradients(tx, states[i], param_grads, stats[i])
+  return tuple(new_states), tuple(outputs), grad, grad_h
+
+
+def layer_update(model, tx, state: ModuleState, x: Array,
+                 gradient_source: GradientSource):
+  """`chain_update` of a single module: (new_state, h, grad_x, grad_h)."""
+  (new_state,), (h,), grad_x, grad_h = chain_update(
+      (model,), tx, (state,), x, gradient_source)
+  return new_state, h, grad_x, grad_h
 
 
 def synthetic_gradient(modules: Modules, sg_state: ModuleState, h: Array,
@@ -234,47 +292,68 @@ def context_for(modules: Modules, labels: Array) -> Array | None:
   return jax.nn.one_hot(labels, modules.num_classes, dtype=jnp.float32)
 
 
-def hidden_update(modules: Modules, layer_state: ModuleState,
-                  sg_state: ModuleState | None, x: Array,
-                  context: Array | None):
-  """Decoupled update of one hidden layer: no waiting for any layer above.
-
-  Uses the synthetic gradient of the model on the interface above
-  (`sg_state`), or zero when `sg_state` is None (No-Bprop).
-  Returns (new_layer_state, h, grad_x, grad_h).
-  """
+def block_update(modules: Modules, layer_states: tuple[ModuleState, ...],
+                 sg_state: ModuleState | None, x: Array,
+                 context: Array | None):
+  """Decoupled update of a block of hidden layers ending at an interface: no
+  waiting for anything above it. The gradient source is the synthetic gradient
+  of the model on that interface (`sg_state`), or zero when `sg_state` is None
+  (No-Bprop). Returns (new_layer_states, outputs, grad_x, grad_h)."""
   if sg_state is None:
     source = zero_gradient
   else:
     source = lambda h: synthetic_gradient(modules, sg_state, h, context)
-  return layer_update(modules.hidden, modules.tx, layer_state, x, source)
+  return chain_update((modules.hidden,) * len(layer_states), modules.tx,
+                      layer_states, x, source)
+
+
+def top_block_update(modules: Modules, layer_states: tuple[ModuleState, ...],
+                     head_state: ModuleState, x: Array, labels: Array):
+  """Update of the top block (hidden layers above the last interface, then the
+  classifier) from the true loss gradient.
+
+  Returns (new_layer_states, new_head_state, outputs, grad_x, loss, logits);
+  `outputs` are the hidden layers' outputs and `grad_x` the true per-example
+  gradient of the block's input, the target for the top synthetic-gradient
+  model.
+  """
+  loss_box = []
+  def loss_gradient(logits):
+    loss, grad = interface.softmax_cross_entropy_grad(logits, labels)
+    loss_box.append(loss)
+    return grad
+  models = (modules.hidden,) * len(layer_states) + (modules.head,)
+  new_states, outputs, grad_x, _ = chain_update(
+      models, modules.tx, layer_states + (head_state,), x, loss_gradient)
+  return (new_states[:-1], new_states[-1], outputs[:-1], grad_x, loss_box[0],
+          outputs[-1])
+
+
+def hidden_update(modules: Modules, layer_state: ModuleState,
+                  sg_state: ModuleState | None, x: Array,
+                  context: Array | None):
+  """`block_update` of one hidden layer: (new_state, h, grad_x, grad_h)."""
+  (new_state,), (h,), grad_x, grad_h = block_update(
+      modules, (layer_state,), sg_state, x, context)
+  return new_state, h, grad_x, grad_h
+
+
+def head_update(modules: Modules, head_state: ModuleState, x: Array,
+                labels: Array):
+  """`top_block_update` of the classifier alone:
+  (new_head_state, grad_x, loss, logits)."""
+  _, head, _, grad_x, loss, logits = top_block_update(modules, (), head_state,
+                                                      x, labels)
+  return head, grad_x, loss, logits
 
 
 def backprop_update(modules: Modules, layer_state: ModuleState, x: Array,
                     grad_h: Array):
   """Update of one hidden layer from a given per-example gradient of its output
-  (Bprop's backward pass, or any externally supplied gradient).
+  (an externally supplied or oracle gradient).
   Returns (new_layer_state, h, grad_x, grad_h)."""
   return layer_update(modules.hidden, modules.tx, layer_state, x,
                       lambda h: grad_h)
-
-
-def head_update(modules: Modules, head_state: ModuleState, x: Array,
-                labels: Array):
-  """Update of the classifier from the true loss gradient.
-
-  Returns (new_head_state, grad_x, loss, logits); `grad_x` is the true
-  per-example gradient of the classifier's input, the target for the top
-  synthetic-gradient model.
-  """
-  loss_and_grad = {}
-  def source(logits):
-    loss_and_grad['loss'], grad = interface.softmax_cross_entropy_grad(
-        logits, labels)
-    return grad
-  new_state, logits, grad_x, _ = layer_update(
-      modules.head, modules.tx, head_state, x, source)
-  return new_state, grad_x, loss_and_grad['loss'], logits
 
 
 def hidden_forward(modules: Modules, layer_state: ModuleState, x: Array,
@@ -290,116 +369,124 @@ def _all_finite(tree) -> Array:
                             for l in jax.tree.leaves(tree)]))
 
 
-def _train_metrics(loss, logits, labels, sg_losses, new_modules,
-                   activations, synthetic_gradients):
-  """Scalars and per-module health flags (checked by the training loop)."""
-  vector = lambda xs, dtype: (jnp.stack(xs) if xs else jnp.zeros((0,), dtype))
-  return {
-      'loss': loss,
-      'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-      'sg_loss': vector(sg_losses, jnp.float32),
-      # Layers 1..N (N = the classifier): parameters finite after the update.
-      'layer_finite': vector([_all_finite(m.params) for m in new_modules],
-                             jnp.bool_),
-      # Hidden layers 1..N-1: their outputs h_i.
-      'activation_finite': vector(
-          [jnp.all(jnp.isfinite(h)) for h in activations], jnp.bool_),
-      # Interfaces 1..N-1: the synthetic gradient each layer received.
-      'synthetic_gradient_finite': vector(
-          [jnp.all(jnp.isfinite(g)) for g in synthetic_gradients], jnp.bool_),
-  }
+def _vector(xs, dtype):
+  return jnp.stack(xs) if xs else jnp.zeros((0,), dtype)
 
 
-def train_step(modules: Modules, method: str, state: FeedForwardState,
-               images: Array, labels: Array):
-  """One training step of the whole network (fuse it with one `jax.jit`).
-
-  For the decoupled methods this is exactly the per-layer schedule of Fig. 2
-  composed in one function: every hidden layer updates from the interface
-  above, the classifier from the loss, then every synthetic-gradient model
-  regresses to the input gradient of the layer above it. For Bprop the same
-  pieces (`module_vjp`, `pull_back`, `apply_gradients`) run with the true
-  gradient, which forces the backward order. Returns (new_state, metrics).
-  """
-  if method == 'bprop':
-    x = layers.flatten(images)
-    num_hidden = len(state.layers)
-    # Update locked: forward everything, then pull the true gradient back
-    # layer by layer through the same vjps.
-    vjps, stats, activations = [], [], []
-    for layer_state in state.layers:
-      x, vjp_fn, batch_stats = module_vjp(modules.hidden, layer_state, x)
-      activations.append(x)
-      vjps.append(vjp_fn)
-      stats.append(batch_stats)
-    head, grad, loss, logits = head_update(modules, state.head, x, labels)
-    new_layers = [None] * num_hidden
-    for i in reversed(range(num_hidden)):
-      param_grads, grad = interface.pull_back(vjps[i], grad)
-      new_layers[i] = apply_gradients(modules.tx, state.layers[i], param_grads,
-                                      stats[i])
-    new_state = FeedForwardState(tuple(new_layers), head, (), state.step + 1)
-    return new_state, _train_metrics(loss, logits, labels, [],
-                                     new_layers + [head], activations, [])
-
-  if method not in METHODS:
-    raise ValueError(f'unknown method {method!r}; expected one of {METHODS}')
-  return decoupled_schedule(_bind_layer_functions(modules),
-                            method in DECOUPLED_METHODS, state, images, labels)
-
-
-class LayerFunctions(NamedTuple):
-  """The per-module functions a decoupled schedule calls (jitted or not)."""
-  hidden_update: Callable
-  head_update: Callable
+class BlockFunctions(NamedTuple):
+  """The per-module functions a schedule calls (jitted or not)."""
+  block_update: Callable
+  top_block_update: Callable
   synthetic_update: Callable
   context: Callable
 
 
-def _bind_layer_functions(modules: Modules) -> LayerFunctions:
+def _bind_block_functions(modules: Modules) -> BlockFunctions:
   bind = lambda f: functools.partial(f, modules)
-  return LayerFunctions(bind(hidden_update), bind(head_update),
+  return BlockFunctions(bind(block_update), bind(top_block_update),
                         bind(synthetic_update), bind(context_for))
 
 
-def decoupled_schedule(fns: LayerFunctions, use_synthetic: bool,
-                       state: FeedForwardState, images: Array, labels: Array):
-  """Fig. 2: every hidden layer updates as soon as its interface answers.
+def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
+             images: Array, labels: Array):
+  """One training step of every method (Fig. 2).
 
-  Layer i updates from the gradient source on interface i (synthetic, or zero
-  when `use_synthetic` is False: No-Bprop), the classifier from the loss, then
-  each synthetic-gradient model regresses to the input gradient that the layer
-  above it returned (bootstrapped, or true at the top). No layer's update
-  depends on any later layer's, so the order of the calls is free. Returns
-  (new_state, metrics).
+  Each block updates as soon as the interface above it answers; the top block
+  from the loss; then each synthetic-gradient model regresses to the input
+  gradient that the block above it returned (bootstrapped, or true at the
+  top). No block's update depends on a later block's, so the order of the
+  calls is free. Returns (new_state, metrics); metrics hold `loss`,
+  `accuracy`, `sg_loss` per interface, and per-module finiteness flags.
   """
   x = layers.flatten(images)
   context = fns.context(labels)
-  new_layers, interface_inputs, targets, grads_h = [], [], [], []
-  for i, layer_state in enumerate(state.layers):
-    sg_state = state.synthetic[i] if use_synthetic else None
-    layer_state, x, grad_x, grad_h = fns.hidden_update(layer_state, sg_state,
-                                                       x, context)
-    new_layers.append(layer_state)
-    if use_synthetic:
-      grads_h.append(grad_h)
+  new_layers = list(state.layers)
+  activations, interface_inputs, targets, grads_h = [], [], [], []
+  for j, block in enumerate(modules.blocks[:-1]):
+    sg_state = state.synthetic[j] if modules.use_synthetic else None
+    new, outputs, grad_x, grad_h = fns.block_update(
+        tuple(state.layers[i] for i in block), sg_state, x, context)
+    for i, layer_state in zip(block, new):
+      new_layers[i] = layer_state
+    activations += outputs
+    x = outputs[-1]
     interface_inputs.append(x)
-    if i > 0:
-      targets.append(grad_x)  # Bootstrapped target for synthetic[i - 1].
-  head, grad_x, loss, logits = fns.head_update(state.head, x, labels)
-  targets.append(grad_x)      # True gradient: target for the top model.
+    grads_h.append(grad_h)
+    if j > 0:
+      targets.append(grad_x)  # Bootstrapped target for interface j - 1.
+  top = modules.blocks[-1]
+  new_top, head, outputs, grad_x, loss, logits = fns.top_block_update(
+      tuple(state.layers[i] for i in top), state.head, x, labels)
+  for i, layer_state in zip(top, new_top):
+    new_layers[i] = layer_state
+  activations += outputs
+  targets.append(grad_x)      # True gradient: target for the top interface.
 
   new_synthetic, sg_losses = [], []
-  if use_synthetic:
+  if modules.use_synthetic:
     for sg_state, h, target in zip(state.synthetic, interface_inputs, targets):
       sg_state, sg_loss = fns.synthetic_update(sg_state, h, context, target)
       new_synthetic.append(sg_state)
       sg_losses.append(sg_loss)
   new_state = FeedForwardState(tuple(new_layers), head, tuple(new_synthetic),
                                state.step + 1)
-  return new_state, _train_metrics(loss, logits, labels, sg_losses,
-                                   new_layers + [head], interface_inputs,
-                                   grads_h)
+  metrics = {
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+      'sg_loss': _vector(sg_losses, jnp.float32),
+      # Health flags, checked by the training loop. Hidden layers 1..N-1:
+      # their outputs; layers 1..N: parameters after the update; interfaces
+      # bottom up: the gradient each received.
+      'activation_finite': _vector(
+          [jnp.all(jnp.isfinite(h)) for h in activations], jnp.bool_),
+      'layer_finite': _vector(
+          [_all_finite(m.params) for m in new_layers + [head]], jnp.bool_),
+      'synthetic_gradient_finite': _vector(
+          [jnp.all(jnp.isfinite(g)) for g in grads_h], jnp.bool_),
+  }
+  return new_state, metrics
+
+
+def train_step(modules: Modules, state: FeedForwardState, images: Array,
+               labels: Array):
+  """`schedule` with the unjitted functions: fuse it with one `jax.jit`."""
+  return schedule(_bind_block_functions(modules), modules, state, images,
+                  labels)
+
+
+def synthetic_gradient_diagnostics(modules: Modules, state: FeedForwardState,
+                                   images: Array, labels: Array):
+  """Fig. 10: each interface's synthetic gradient against the true one.
+
+  The true gradient is the per-example backpropagated dL/dh of the whole
+  network in training mode (what a Bprop step would use). Returns arrays with
+  one value per interface: `sg_l2_error`, `sg_cosine`, `sg_sign_error`.
+  """
+  x = layers.flatten(images)
+  models = (modules.hidden,) * len(state.layers) + (modules.head,)
+  true_grads = {}
+  def loss_gradient(logits):
+    return interface.softmax_cross_entropy_grad(logits, labels)[1]
+  vjps, outputs = [], []  # Nothing is updated: only gradients are read.
+  for model, module_state in zip(models, state.layers + (state.head,)):
+    x, vjp_fn, _ = module_vjp(model, module_state, x)
+    vjps.append(vjp_fn)
+    outputs.append(x)
+  grad = loss_gradient(x)
+  for i in reversed(range(len(vjps))):
+    _, grad = interface.pull_back(vjps[i], grad)
+    true_grads[i] = grad      # Gradient of the input of module i.
+  context = context_for(modules, labels)
+  rows = []
+  for j, layer in enumerate(modules.interfaces):
+    h, true = outputs[layer - 1], true_grads[layer]
+    if modules.use_synthetic:
+      ghat = synthetic_gradient(modules, state.synthetic[j], h, context)
+    else:
+      ghat = zero_gradient(h)
+    rows.append(interface.gradient_diagnostics(ghat, true))
+  return {f'sg_{k}': _vector([r[k] for r in rows], jnp.float32)
+          for k in ('l2_error', 'cosine', 'sign_error')}
 
 
 def predict(modules: Modules, state: FeedForwardState, images: Array) -> Array:
@@ -446,8 +533,8 @@ def init(modules: Modules, config: FeedForwardConfig,
     context = context_for(modules, jnp.zeros((1,), jnp.int32))
     synthetic_states = tuple(
         _init_module(modules.synthetic, modules.tx,
-                     jax.random.fold_in(rng, 1000 + i), x, context)
-        for i in range(config.num_interfaces))
+                     jax.random.fold_in(rng, 1000 + layer), x, context)
+        for layer in config.interfaces)
   return FeedForwardState(tuple(layer_states), head, synthetic_states,
                           jnp.zeros((), jnp.int32))
 
@@ -455,19 +542,25 @@ def init(modules: Modules, config: FeedForwardConfig,
 class FeedForward(NamedTuple):
   """What `make_feedforward` returns: functions closed over one configuration.
 
-  Decoupled per-layer API (each its own jit):
+  Decoupled per-module API (each its own jit):
     hidden_update(layer_state, sg_state | None, x, context)
         -> (layer_state, h, grad_x, grad_h)
-    backprop_update(layer_state, x, grad_h) -> (layer_state, h, grad_x, grad_h)
+    block_update(layer_states, sg_state | None, x, context)
+        -> (layer_states, outputs, grad_x, grad_h)
     head_update(head_state, x, labels) -> (head_state, grad_x, loss, logits)
+    top_block_update(layer_states, head_state, x, labels)
+        -> (layer_states, head_state, outputs, grad_x, loss, logits)
     synthetic_update(sg_state, h, context, target) -> (sg_state, sg_loss)
     synthetic_gradient(sg_state, h, context) -> delta_hat
+    backprop_update(layer_state, x, grad_h) -> (layer_state, h, grad_x, grad_h)
     hidden_forward(layer_state, x) -> h
+    context(labels) -> one-hot labels (cDNI) or None
   Whole network:
     init(rng) -> state
     train_step(state, images, labels) -> (state, metrics)   (fused, one jit)
     eval_batch(state, images, labels) -> sums of loss / correct / count
     predict(state, images) -> logits
+    diagnostics(state, images, labels) -> Fig. 10 errors per interface
   """
   config: FeedForwardConfig
   modules: Modules
@@ -475,11 +568,14 @@ class FeedForward(NamedTuple):
   train_step: Callable
   eval_batch: Callable
   predict: Callable
+  diagnostics: Callable
   hidden_update: Callable
-  backprop_update: Callable
+  block_update: Callable
   head_update: Callable
+  top_block_update: Callable
   synthetic_update: Callable
   synthetic_gradient: Callable
+  backprop_update: Callable
   hidden_forward: Callable
   context: Callable
 
@@ -500,15 +596,17 @@ def make_feedforward(config: FeedForwardConfig, jit: bool = True,
       config=config,
       modules=modules,
       init=wrap(functools.partial(init, modules, config)),
-      train_step=wrap(functools.partial(train_step, modules, config.method),
-                      donate_argnums=(0,) if donate else ()),
+      train_step=wrap(bind(train_step), donate_argnums=(0,) if donate else ()),
       eval_batch=wrap(bind(eval_batch)),
       predict=wrap(bind(predict)),
+      diagnostics=wrap(bind(synthetic_gradient_diagnostics)),
       hidden_update=wrap(bind(hidden_update)),
-      backprop_update=wrap(bind(backprop_update)),
+      block_update=wrap(bind(block_update)),
       head_update=wrap(bind(head_update)),
+      top_block_update=wrap(bind(top_block_update)),
       synthetic_update=wrap(bind(synthetic_update)),
       synthetic_gradient=wrap(bind(synthetic_gradient)),
+      backprop_update=wrap(bind(backprop_update)),
       hidden_forward=wrap(bind(hidden_forward)),
       context=wrap(bind(context_for)),
   )
@@ -516,17 +614,12 @@ def make_feedforward(config: FeedForwardConfig, jit: bool = True,
 
 def per_layer_train_step(ff: FeedForward, state: FeedForwardState,
                          images: Array, labels: Array):
-  """The decoupled schedule of Fig. 2 driven one layer at a time from Python.
+  """`schedule` driven one block at a time from Python.
 
-  Each call is a separate jitted function, so any layer could instead run on
-  its own schedule, device or process. For dni/cdni/no_bprop this computes the
-  same as the fused `ff.train_step`; Bprop is update locked and has no
-  per-layer decoupled form (use `backprop_update` in reverse order).
+  Each call is a separate jitted function, so any block could instead run on
+  its own schedule, device or process. Computes the same as the fused
+  `ff.train_step` (Bprop is a single block, so there it is one call).
   """
-  if ff.config.method == 'bprop':
-    raise ValueError('per_layer_train_step: bprop is update locked; use '
-                     'train_step, or backprop_update in reverse layer order')
-  fns = LayerFunctions(ff.hidden_update, ff.head_update, ff.synthetic_update,
-                       ff.context)
-  return decoupled_schedule(fns, ff.config.uses_synthetic_gradients, state,
-                            images, labels)
+  fns = BlockFunctions(ff.block_update, ff.top_block_update,
+                       ff.synthetic_update, ff.context)
+  return schedule(fns, ff.modules, state, images, labels)

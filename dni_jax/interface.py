@@ -54,3 +54,17 @@ def softmax_cross_entropy_grad(logits: Array, labels: Array) -> tuple[Array, Arr
   loss = -jnp.mean(jnp.sum(one_hot * log_probs, axis=-1))
   return loss, jnp.exp(log_probs) - one_hot
 
+
+
+def gradient_diagnostics(synthetic: Array, true: Array) -> dict[str, Array]:
+  """Fig. 10: L2 distance, cosine similarity and sign error (fraction of
+  dimensions whose signs differ) between synthetic and true gradients, each
+  averaged over the batch."""
+  s = synthetic.reshape(synthetic.shape[0], -1)
+  t = true.reshape(true.shape[0], -1)
+  l2 = jnp.sqrt(jnp.sum(jnp.square(s - t), axis=-1))
+  norms = jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1)
+  cosine = jnp.sum(s * t, axis=-1) / jnp.maximum(norms, 1e-30)
+  sign_error = jnp.mean(jnp.sign(s) != jnp.sign(t), axis=-1)
+  return {'l2_error': jnp.mean(l2), 'cosine': jnp.mean(cosine),
+          'sign_error': jnp.mean(sign_error)}

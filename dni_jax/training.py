@@ -267,7 +267,8 @@ def _track_health(health: dict, step: Array, metrics: dict) -> dict:
                                 flags, health['flags'])}
 
 
-# What a False flag at index i-1 means, in causal order: a non-finite output
+# What a False flag at index i-1 means (layers and interfaces counted from the
+# bottom, from 1), in causal order: a non-finite output
 # of layer i spreads to everything above it and to every gradient; given
 # finite outputs, a non-finite synthetic gradient can only come from the model
 # on its own interface; given finite synthetic gradients, a non-finite layer
@@ -275,8 +276,7 @@ def _track_health(health: dict, step: Array, metrics: dict) -> dict:
 # bad synthetic-gradient loss is the origin. The first found is reported.
 _CAUSAL_ORDER = (
     ('activation_finite', 'output of layer {i}', min),
-    ('synthetic_gradient_finite', 'synthetic gradient on interface {i} '
-     '(from the model above layer {i})', min),
+    ('synthetic_gradient_finite', 'synthetic gradient on interface {i}', min),
     ('layer_finite', 'parameters or gradient of layer {i}', min),
     ('sg_loss', 'synthetic-gradient loss on interface {i}', max),
 )
@@ -311,13 +311,15 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
         train_step: Callable, eval_batch: Callable,
         train_data: tuple[np.ndarray, np.ndarray],
         test_data: tuple[np.ndarray, np.ndarray],
+        diagnostics: Callable | None = None,
         extra_result: dict | None = None) -> dict:
   """Trains from the latest checkpoint in `workdir` (or `init_state`) to
   `loop.num_steps`, evaluating, logging and checkpointing; returns the result.
 
   `train_step(state, images, labels) -> (state, metrics)` with a scalar
   `metrics['loss']`; `eval_batch(state, images, labels)` returns sums with
-  `loss_sum`, `num_correct` and `count`.
+  `loss_sum`, `num_correct` and `count`. `diagnostics(state)`, if given,
+  returns arrays that are written into every metrics line as lists.
   """
   train_images = jnp.asarray(train_data[0])
   train_labels = jnp.asarray(train_data[1])
@@ -393,6 +395,9 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
         row.update(evaluate(eval_batch, state, test_images, test_labels))
         if np.asarray(fetched.get('sg_loss', [])).size:
           row['sg_loss'] = [float(v) for v in fetched['sg_loss']]
+        if diagnostics is not None:
+          for key, value in jax.device_get(diagnostics(state)).items():
+            row[key] = [float(v) for v in np.asarray(value).reshape(-1)]
         metrics_log.append(row)
         logging.info('step %d  test_error %.2f%%  train_loss %.4f', step,
                      row['test_error'], row['train_loss'])

@@ -33,6 +33,10 @@ flags.DEFINE_integer('num_layers', _D.num_layers,
 flags.DEFINE_integer('hidden_size', _D.hidden_size, 'Units per hidden layer.')
 flags.DEFINE_enum('method', _D.method, list(feedforward.METHODS),
                   'bprop | no_bprop | dni | cdni (label-conditioned DNI).')
+flags.DEFINE_list('dni_layers', None,
+                  'Put a DNI only after these layers (1-based; 3 = between '
+                  'layers 3 and 4), backprop elsewhere (Fig. 9). Default: '
+                  'after every hidden layer. Empty: none.')
 flags.DEFINE_integer('sg_hidden_layers', None,
                      'Hidden layers of each synthetic-gradient MLP (0-2); '
                      'default as in A.1: 2 for dni, 0 for cdni.')
@@ -75,6 +79,8 @@ def main(argv):
         data_source=FLAGS.data_source, model=FLAGS.model,
         num_layers=FLAGS.num_layers, hidden_size=FLAGS.hidden_size,
         method=FLAGS.method, sg_hidden_layers=FLAGS.sg_hidden_layers,
+        dni_layers=(None if FLAGS.dni_layers is None
+                    else _int_list('dni_layers', FLAGS.dni_layers)),
         sg_hidden_size=FLAGS.sg_hidden_size,
         learning_rate=FLAGS.learning_rate,
         lr_boundaries=_int_list('lr_boundaries', FLAGS.lr_boundaries),

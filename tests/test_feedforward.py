@@ -251,16 +251,88 @@ def test_learning_rate_schedule_steps_down():
     (dict(lr_boundaries=(5, 3)), 'lr_boundaries'),
     (dict(lr_decay=0.0), 'lr_decay'),
     (dict(hidden_size=0), 'hidden_size'),
+    (dict(dni_layers=(0,)), 'dni_layers'),
+    (dict(dni_layers=(4,)), r'dni_layers=\(4,\) must be .* in 1\.\.3'),
+    (dict(dni_layers=(2, 1)), 'dni_layers'),
+    (dict(method='bprop', dni_layers=(1,)), 'method=bprop has no interfaces'),
 ])
 def test_config_rejects_bad_values(kwargs, message):
   with pytest.raises(ValueError, match=message):
     small_config(kwargs.pop('method', 'dni'), **kwargs)
 
 
-def test_per_layer_step_refuses_bprop():
+def test_per_layer_bprop_is_one_block_and_equals_fused():
   ff = make(small_config('bprop'))
-  with pytest.raises(ValueError, match='update locked'):
-    dni_jax.per_layer_train_step(ff, ff.init(jax.random.key(0)), *batch())
+  assert ff.config.blocks == ((0, 1, 2),)
+  state = ff.init(jax.random.key(0))
+  fused, _ = ff.train_step(state, *batch())
+  per_layer, _ = dni_jax.per_layer_train_step(ff, state, *batch())
+  chex.assert_trees_all_close(fused, per_layer, rtol=1e-5, atol=1e-6)
+
+
+def test_dni_layers_with_no_layer_selected_equals_bprop():
+  images, labels = batch()
+  none = make(small_config('dni', dni_layers=()))
+  bp = make(small_config('bprop'))
+  assert none.config.blocks == bp.config.blocks and not none.config.interfaces
+  s_none, m_none = none.train_step(none.init(jax.random.key(0)), images, labels)
+  s_bp, m_bp = bp.train_step(bp.init(jax.random.key(0)), images, labels)
+  assert s_none.synthetic == ()
+  chex.assert_trees_all_close(s_none, s_bp, rtol=1e-6)
+
+
+@pytest.mark.parametrize('method', ['dni', 'cdni', 'no_bprop'])
+def test_single_dni_splits_into_two_blocks(method):
+  """Fig. 9a: one DNI after layer 2 of a 4-layer net -> blocks {1,2}, {3,head}."""
+  config = small_config(method, dni_layers=(2,))
+  assert config.blocks == ((0, 1), (2,))
+  ff = make(config)
+  state = ff.init(jax.random.key(0))
+  assert len(state.synthetic) == (0 if method == 'no_bprop' else 1)
+  fused = per_layer = state
+  for step in range(2):
+    fused, m = ff.train_step(fused, *batch(step))
+    per_layer, _ = dni_jax.per_layer_train_step(ff, per_layer, *batch(step))
+  chex.assert_trees_all_close(fused, per_layer, rtol=1e-5, atol=1e-6)
+  assert m['sg_loss'].shape == ((0,) if method == 'no_bprop' else (1,))
+  # The block above the DNI gets the true gradient: layer 3 and the head
+  # update exactly as in Bprop's first step.
+  bp = make(small_config('bprop'))
+  s_bp, _ = bp.train_step(bp.init(jax.random.key(0)), *batch(0))
+  s_one, _ = ff.train_step(state, *batch(0))
+  chex.assert_trees_all_close((s_one.layers[2], s_one.head),
+                              (s_bp.layers[2], s_bp.head), rtol=1e-5,
+                              atol=1e-6)
+
+
+def test_gradient_diagnostics_are_exact_for_an_oracle():
+  true = jax.random.normal(jax.random.key(0), (B, 8))
+  d = interface.gradient_diagnostics(true, true)
+  np.testing.assert_allclose([d['l2_error'], d['cosine'], d['sign_error']],
+                             [0.0, 1.0, 0.0], atol=1e-6)
+  d = interface.gradient_diagnostics(-true, true)
+  np.testing.assert_allclose([d['cosine'], d['sign_error']], [-1.0, 1.0],
+                             atol=1e-6)
+
+
+def test_diagnostics_compare_synthetic_with_backpropagated_gradient():
+  ff = make(small_config('dni'))
+  state = ff.init(jax.random.key(0))
+  images, labels = batch()
+  d = ff.diagnostics(state, images, labels)
+  for key in ('sg_l2_error', 'sg_cosine', 'sg_sign_error'):
+    chex.assert_shape(d[key], (3,))
+  # Zero synthetic gradients at init: the L2 error is the true gradient's norm.
+  x = layers.flatten(images)
+  h1 = ff.hidden_forward(state.layers[0], x)
+  lp = [s.params for s in state.layers]
+  stats = [s.batch_stats for s in state.layers]
+  true1 = B * jax.grad(lambda h: whole_network_loss(
+      ff.modules, lp[1:], state.head.params, stats[1:], h, labels))(h1)
+  np.testing.assert_allclose(d['sg_l2_error'][0],
+                             jnp.mean(jnp.linalg.norm(true1, axis=-1)),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(d['sg_cosine'], 0.0)
 
 
 @pytest.mark.parametrize('method', dni_jax.METHODS)

@@ -54,8 +54,11 @@ def test_script_writes_the_workdir_contract_and_learns(tmp_path, mnist_dir):
   rows = read_lines(workdir / 'metrics.jsonl')
   assert [r['step'] for r in rows] == [20, 40, 60]
   for r in rows:
-    assert {'step', 'train_loss', 'test_error', 'test_loss', 'sg_loss'} <= set(r)
-    assert len(r['sg_loss']) == 2            # 3 layers: 2 DNIs.
+    assert {'step', 'train_loss', 'test_error', 'test_loss', 'sg_loss',
+            'sg_l2_error', 'sg_cosine', 'sg_sign_error'} <= set(r)
+    for key in ('sg_loss', 'sg_l2_error', 'sg_cosine', 'sg_sign_error'):
+      assert len(r[key]) == 2                # 3 layers: 2 DNIs.
+    assert all(-1 <= c <= 1 for c in r['sg_cosine'])
   result = json.loads((workdir / 'result.json').read_text())
   for key in ('test_error', 'best_test_error', 'num_steps', 'steps_per_sec'):
     assert key in result
@@ -70,6 +73,8 @@ def test_script_writes_the_workdir_contract_and_learns(tmp_path, mnist_dir):
     (['--lr_boundaries=5,x'], '--lr_boundaries=5,x'),
     (['--sg_hidden_layers=3'], '--sg_hidden_layers=3'),
     (['--data_dir=/nonexistent/mnist'], '/nonexistent/mnist'),
+    (['--dni_layers=4'], '--dni_layers=4'),
+    (['--method=bprop', '--dni_layers=1'], '--method=bprop has no interfaces'),
 ])
 def test_script_bad_input_is_one_clear_line(tmp_path, mnist_dir, args, needle):
   workdir = tmp_path / 'run'
@@ -79,6 +84,18 @@ def test_script_bad_input_is_one_clear_line(tmp_path, mnist_dir, args, needle):
   errors = [l for l in proc.stderr.splitlines() if 'error:' in l]
   assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
   assert not (workdir / 'result.json').exists()
+
+
+def test_script_single_dni_writes_one_interface(tmp_path, mnist_dir):
+  workdir = tmp_path / 'run'
+  proc = run_script(f'--workdir={workdir}', f'--data_dir={mnist_dir}',
+                    '--num_layers=4', '--dni_layers=2', '--hidden_size=16',
+                    '--sg_hidden_size=16', '--batch_size=32', '--num_steps=4',
+                    '--eval_every=4')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads((workdir / 'config.json').read_text())['dni_layers'] == [2]
+  row = read_lines(workdir / 'metrics.jsonl')[-1]
+  assert len(row['sg_loss']) == 1 and len(row['sg_cosine']) == 1
 
 
 def test_script_requires_workdir(mnist_dir):
@@ -165,7 +182,7 @@ def _poison(tree):
 
 
 @pytest.mark.parametrize('inject, message', [
-    ('synthetic', r'synthetic gradient on interface 2 .* at step 1;'),
+    ('synthetic', r'synthetic gradient on interface 2 at step 1;'),
     ('layer', r'output of layer 1 at step 1;'),
     ('loss_at_5', r'training loss at step 5;'),
 ])
