@@ -75,22 +75,77 @@ def feedforward_table(runs: list[Run], paper: str | None = None) -> str:
   return '\n'.join(lines)
 
 
-def plot_learning_curves(runs: list[Run], path: str,
-                         key: str = 'test_error') -> None:
-  """One panel per depth, one test-error curve per method; saved as PNG."""
+def run_label(run: Run) -> str:
+  """'cdni', or 'dni@3' for a DNI only after layer 3."""
+  label = run.config['method']
+  if run.config.get('dni_layers') is not None:
+    label += '@' + ','.join(map(str, run.config['dni_layers']))
+  return label
+
+
+def _sort_key(run: Run):
+  method = run.config['method']
+  return (METHOD_ORDER.index(method) if method in METHOD_ORDER else 99,
+          run.config.get('dni_layers') or [])
+
+
+def single_dni_table(runs: list[Run]) -> str:
+  """Fig. 9a as a table: final (best) test error per DNI position."""
+  lines = ['| run | DNI after layer | test error % (best) |', '|---|---|---|']
+  for run in sorted(runs, key=_sort_key):
+    where = run.config.get('dni_layers')
+    where = ','.join(map(str, where)) if where is not None else (
+        'none' if run.config['method'] == 'bprop' else 'every layer')
+    error = ('unfinished' if run.result is None else
+             f'{run.result["test_error"]:.2f} '
+             f'({run.result["best_test_error"]:.2f})')
+    lines.append(f'| {run_label(run)} | {where} | {error} |')
+  return '\n'.join(lines)
+
+
+def plot_diagnostics(runs: list[Run], path: str) -> None:
+  """Fig. 10: synthetic-gradient L2 error, cosine and sign error vs step."""
+  plt = _pyplot()
+  keys = ('sg_l2_error', 'sg_cosine', 'sg_sign_error')
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.2), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    for run in sorted(runs, key=_sort_key):
+      rows = [m for m in run.metrics if key in m]
+      if not rows:
+        continue
+      for i in range(len(rows[0][key])):
+        suffix = f' #{i + 1}' if len(rows[0][key]) > 1 else ''
+        ax.plot([m['step'] for m in rows], [m[key][i] for m in rows],
+                label=run_label(run) + suffix)
+    ax.set_title(key)
+    ax.set_xlabel('step')
+    ax.grid(True, alpha=0.3)
+  axes[0][-1].legend(fontsize='small')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_learning_curves(runs: list[Run], path: str,
+                         key: str = 'test_error') -> None:
+  """One panel per depth, one test-error curve per run; saved as PNG."""
+  plt = _pyplot()
   depths = sorted({r.config['num_layers'] for r in runs})
   fig, axes = plt.subplots(1, len(depths), figsize=(4 * len(depths), 3.2),
                            squeeze=False, sharey=True)
   for ax, depth in zip(axes[0], depths):
     for run in sorted((r for r in runs if r.config['num_layers'] == depth),
-                      key=lambda r: METHOD_ORDER.index(r.config['method'])
-                      if r.config['method'] in METHOD_ORDER else 99):
+                      key=_sort_key):
       steps = [m['step'] for m in run.metrics]
       values = [m[key] for m in run.metrics]
-      ax.plot(steps, values, marker='.', label=run.config['method'])
+      ax.plot(steps, values, marker='.', label=run_label(run))
     ax.set_title(f'{depth} layers')
     ax.set_xlabel('step')
     ax.set_yscale('log')

@@ -10,12 +10,16 @@ from dni_jax import reporting
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def fake_run(root, layers, method, errors, finished=True):
-  workdir = root / f'fcn{layers}_{method}'
+def fake_run(root, layers, method, errors, finished=True, dni_layers=None):
+  workdir = root / f'fcn{layers}_{method}_{dni_layers}'
   workdir.mkdir()
-  (workdir / 'config.json').write_text(json.dumps(
-      {'num_layers': layers, 'method': method}))
-  rows = [{'step': 100 * (i + 1), 'test_error': e} for i, e in enumerate(errors)]
+  config = {'num_layers': layers, 'method': method}
+  if dni_layers is not None:
+    config['dni_layers'] = dni_layers
+  (workdir / 'config.json').write_text(json.dumps(config))
+  rows = [{'step': 100 * (i + 1), 'test_error': e, 'sg_cosine': [0.1 * i],
+           'sg_l2_error': [1.0], 'sg_sign_error': [0.4]}
+          for i, e in enumerate(errors)]
   (workdir / 'metrics.jsonl').write_text(
       ''.join(json.dumps(r) + '\n' for r in rows))
   if finished:
@@ -53,3 +57,24 @@ def test_script_rejects_a_folder_that_is_not_a_workdir(tmp_path):
        str(tmp_path)], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
   assert 'no config.json' in proc.stderr and str(tmp_path) in proc.stderr
+
+
+def test_single_dni_table_and_diagnostics_plot(tmp_path):
+  runs = [reporting.load_run(fake_run(tmp_path, 6, 'dni', [5.0, 3.0], True, [k]))
+          for k in (1, 2)]
+  runs.append(reporting.load_run(fake_run(tmp_path, 6, 'bprop', [2.0])))
+  table = reporting.single_dni_table(runs).splitlines()
+  assert table[2:] == ['| bprop | none | 2.00 (2.00) |',
+                       '| dni@1 | 1 | 3.00 (3.00) |',
+                       '| dni@2 | 2 | 3.00 (3.00) |']
+  png = tmp_path / 'diag.png'
+  reporting.plot_diagnostics(runs, str(png))
+  assert png.read_bytes()[:4] == b'\x89PNG'
+
+
+def test_reproduce_requires_its_flags(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'scripts', 'reproduce.py'),
+       '--experiment=fig9a_single_dni', f'--out={tmp_path}'],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1 and '--data_dir is required' in proc.stderr

@@ -296,3 +296,27 @@ def test_same_seed_same_command_is_bit_identical(tmp_path, mnist_dir):
                       seed=1)
   experiments.train_feedforward(c)
   assert _outputs(tmp_path / 'c')[0] != _outputs(tmp_path / 'a')[0]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, mnist_dir):
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, TRAIN_FF, f'--workdir={workdir}',
+         f'--data_dir={mnist_dir}', '--method=cdni', '--num_layers=3',
+         '--hidden_size=16', '--batch_size=16', '--num_steps=100000',
+         '--eval_every=50', '--log_every=50', '--checkpoint_every=100000']
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists()
+                                        and metrics.read_text()):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 1
+  assert 'stopped by signal' in stderr and 'rerun the same command' in stderr
+  steps = [int(s) for s in os.listdir(workdir / 'checkpoints')]
+  assert len(steps) == 1 and 50 <= steps[0] < 100000
+  assert not (workdir / 'result.json').exists()
