@@ -26,6 +26,7 @@ class FeedForwardExperiment:
   hidden_size: int = 256
   method: str = 'dni'
   dni_layers: tuple[int, ...] | None = None  # None: after every layer.
+  p_update: float = 1.0
   sg_hidden_layers: int | None = None   # None: the paper's choice (A.1).
   sg_hidden_size: int = 1024
   learning_rate: float = 3e-5
@@ -67,6 +68,11 @@ class FeedForwardExperiment:
       bad('lr_boundaries', 'must be positive, strictly increasing integers')
     if self.seed < 0:
       bad('seed', 'must be >= 0')
+    if not 0 < self.p_update <= 1:
+      bad('p_update', 'must be in (0, 1]')
+    if self.p_update < 1 and self.method == 'bprop':
+      raise ValueError('--p_update < 1 needs interfaces to decouple the '
+                       'layers; use --method=dni, cdni or no_bprop')
     if self.dni_layers is not None:
       if self.method == 'bprop':
         raise ValueError('--dni_layers is set but --method=bprop has no '
@@ -122,7 +128,9 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
       learning_rate=exp.learning_rate,
       lr_boundaries=tuple(exp.lr_boundaries),
       lr_decay=exp.lr_decay,
-      dni_layers=exp.dni_layers)
+      dni_layers=exp.dni_layers,
+      p_update=exp.p_update,
+      seed=exp.seed)
   ff = feedforward.make_feedforward(config)
   diagnostics = None
   if config.interfaces:

@@ -61,6 +61,11 @@ class FeedForwardConfig:
   # gradient for no_bprop); None: after every hidden layer. Elsewhere
   # gradients are backpropagated (Fig. 9). Bprop has no interfaces.
   dni_layers: tuple[int, ...] | None = None
+  # Sparse updates (Fig. 5 left): after each forward pass every block does
+  # its backward pass and update with this probability (masks drawn from
+  # `seed` and the step).
+  p_update: float = 1.0
+  seed: int = 0
 
   def __post_init__(self):
     def bad(msg):
@@ -87,6 +92,11 @@ class FeedForwardConfig:
           'increasing')
     if not self.input_shape or any(d < 1 for d in self.input_shape):
       bad(f'input_shape={self.input_shape} must be non-empty and positive')
+    if not 0 < self.p_update <= 1:
+      bad(f'p_update={self.p_update} must be in (0, 1]')
+    if self.p_update < 1 and self.method == 'bprop':
+      bad('p_update < 1 needs interfaces to decouple the layers; use dni, '
+          'cdni or no_bprop')
     if self.dni_layers is not None:
       if self.method == 'bprop':
         bad('dni_layers is set but method=bprop has no interfaces; use dni, '
@@ -149,6 +159,8 @@ class Modules(NamedTuple):
   blocks: tuple[tuple[int, ...], ...]   # FeedForwardConfig.blocks
   interfaces: tuple[int, ...]           # FeedForwardConfig.interfaces
   use_synthetic: bool                   # dni/cdni; False: zero gradients.
+  p_update: float                       # FeedForwardConfig.p_update
+  seed: int                             # Seed of the sparse-update masks.
 
 
 def learning_rate_schedule(config: FeedForwardConfig) -> optax.Schedule:
@@ -168,7 +180,9 @@ def build_modules(config: FeedForwardConfig) -> Modules:
       num_classes=config.num_classes,
       blocks=config.blocks,
       interfaces=config.interfaces,
-      use_synthetic=config.uses_synthetic_gradients)
+      use_synthetic=config.uses_synthetic_gradients,
+      p_update=config.p_update,
+      seed=config.seed)
 
 
 # ---------------------------------------------------------------------------
@@ -428,12 +442,29 @@ def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
       sg_state, sg_loss = fns.synthetic_update(sg_state, h, context, target)
       new_synthetic.append(sg_state)
       sg_losses.append(sg_loss)
+
+  num_blocks = len(modules.blocks)
+  if modules.p_update < 1:
+    key = jax.random.fold_in(jax.random.PRNGKey(modules.seed), state.step)
+    updated = jax.random.bernoulli(key, modules.p_update, (num_blocks,))
+    keep = lambda flag, new, old: jax.tree.map(
+        lambda n, o: jnp.where(flag, n, o), new, old)
+    for j, block in enumerate(modules.blocks):
+      for i in block:
+        new_layers[i] = keep(updated[j], new_layers[i], state.layers[i])
+    head = keep(updated[-1], head, state.head)
+    # Interface j is trained from block j + 1's backward pass.
+    new_synthetic = [keep(updated[j + 1], new, old) for j, (new, old)
+                     in enumerate(zip(new_synthetic, state.synthetic))]
+  else:
+    updated = jnp.ones((num_blocks,), jnp.bool_)
   new_state = FeedForwardState(tuple(new_layers), head, tuple(new_synthetic),
                                state.step + 1)
   metrics = {
       'loss': loss,
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
       'sg_loss': _vector(sg_losses, jnp.float32),
+      'block_updated': updated,
       # Health flags, checked by the training loop. Hidden layers 1..N-1:
       # their outputs; layers 1..N: parameters after the update; interfaces
       # bottom up: the gradient each received.

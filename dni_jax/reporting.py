@@ -80,6 +80,8 @@ def run_label(run: Run) -> str:
   label = run.config['method']
   if run.config.get('dni_layers') is not None:
     label += '@' + ','.join(map(str, run.config['dni_layers']))
+  if run.config.get('p_update', 1.0) < 1:
+    label += f' p={run.config["p_update"]:g}'
   return label
 
 
@@ -100,6 +102,23 @@ def single_dni_table(runs: list[Run]) -> str:
              f'{run.result["test_error"]:.2f} '
              f'({run.result["best_test_error"]:.2f})')
     lines.append(f'| {run_label(run)} | {where} | {error} |')
+  return '\n'.join(lines)
+
+
+def sparse_table(runs: list[Run]) -> str:
+  """Fig. 5 left as a table: final (best) test error per p_update and method."""
+  cells: dict[float, dict[str, str]] = {}
+  for run in runs:
+    p = run.config.get('p_update', 1.0)
+    cells.setdefault(p, {})[run.config['method']] = (
+        'unfinished' if run.result is None else
+        f'{run.result["test_error"]:.2f} ({run.result["best_test_error"]:.2f})')
+  labels = [m for m in METHOD_ORDER if any(m in c for c in cells.values())]
+  lines = ['| p_update | ' + ' | '.join(labels) + ' |',
+           '|' + '---|' * (len(labels) + 1)]
+  for p in sorted(cells, reverse=True):
+    lines.append(f'| {p:g} | ' + ' | '.join(cells[p].get(l, '')
+                                             for l in labels) + ' |')
   return '\n'.join(lines)
 
 

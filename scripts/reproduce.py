@@ -20,7 +20,7 @@ from dni_jax import experiments
 from dni_jax import reporting
 from dni_jax import training
 
-EXPERIMENTS = ('table1_mnist_fcn', 'fig9a_single_dni')
+EXPERIMENTS = ('table1_mnist_fcn', 'fig9a_single_dni', 'fig5_sparse')
 flags.DEFINE_enum('experiment', None, list(EXPERIMENTS), 'Which grid to run.')
 flags.DEFINE_string('data_dir', None, 'Folder with the MNIST IDX files.')
 flags.DEFINE_string('out', None, 'Folder for the workdirs and the report.')
@@ -35,6 +35,9 @@ def grid(name: str) -> list[dict]:
   if name == 'table1_mnist_fcn':   # Table 1, MNIST FCN rows.
     return [dict(name=f'fcn{n}_{m}', num_layers=n, method=m)
             for n in (3, 4, 5, 6) for m in reporting.METHOD_ORDER]
+  if name == 'fig5_sparse':   # Fig. 5 left: 4-layer FCN, sparse updates.
+    return [dict(name=f'fcn4_{m}_p{p}', num_layers=4, method=m, p_update=p)
+            for m in ('dni', 'cdni') for p in (1.0, 0.5, 0.2)]
   # Fig. 9a: a 6-layer FCN with a single DNI (or a single cut with no
   # gradient) after layer k; Bprop for reference.
   runs = [dict(name='fcn6_bprop', num_layers=6, method='bprop')]
@@ -70,6 +73,8 @@ def main(argv):
   runs = [reporting.load_run(w) for w in workdirs]
   if FLAGS.experiment == 'table1_mnist_fcn':
     report = reporting.feedforward_table(runs, 'mnist_fcn')
+  elif FLAGS.experiment == 'fig5_sparse':
+    report = reporting.sparse_table(runs)
   else:
     report = reporting.single_dni_table(runs)
     reporting.plot_diagnostics(

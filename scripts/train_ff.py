@@ -37,6 +37,10 @@ flags.DEFINE_list('dni_layers', None,
                   'Put a DNI only after these layers (1-based; 3 = between '
                   'layers 3 and 4), backprop elsewhere (Fig. 9). Default: '
                   'after every hidden layer. Empty: none.')
+flags.DEFINE_float('p_update', 1.0,
+                   'Sparse updates (Fig. 5 left): after each forward pass, '
+                   'each block (each layer, with DNI everywhere) does its '
+                   'backward pass and update with this probability.')
 flags.DEFINE_integer('sg_hidden_layers', None,
                      'Hidden layers of each synthetic-gradient MLP (0-2); '
                      'default as in A.1: 2 for dni, 0 for cdni.')
@@ -79,6 +83,7 @@ def main(argv):
         data_source=FLAGS.data_source, model=FLAGS.model,
         num_layers=FLAGS.num_layers, hidden_size=FLAGS.hidden_size,
         method=FLAGS.method, sg_hidden_layers=FLAGS.sg_hidden_layers,
+        p_update=FLAGS.p_update,
         dni_layers=(None if FLAGS.dni_layers is None
                     else _int_list('dni_layers', FLAGS.dni_layers)),
         sg_hidden_size=FLAGS.sg_hidden_size,

@@ -255,6 +255,9 @@ def test_learning_rate_schedule_steps_down():
     (dict(dni_layers=(4,)), r'dni_layers=\(4,\) must be .* in 1\.\.3'),
     (dict(dni_layers=(2, 1)), 'dni_layers'),
     (dict(method='bprop', dni_layers=(1,)), 'method=bprop has no interfaces'),
+    (dict(p_update=0.0), 'p_update'),
+    (dict(p_update=1.5), 'p_update'),
+    (dict(method='bprop', p_update=0.5), 'needs interfaces'),
 ])
 def test_config_rejects_bad_values(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -354,3 +357,42 @@ def test_every_method_learns(method):
   if method in ('bprop', 'cdni'):
     logits = ff.predict(state, images)
     assert float(jnp.mean(jnp.argmax(logits, -1) == labels)) > 0.8
+
+
+@pytest.mark.parametrize('method', ['dni', 'cdni'])
+def test_sparse_updates_with_p_one_equal_the_ordinary_step(method):
+  dense = make(small_config(method))
+  state = dense.init(jax.random.key(0))
+  almost = make(small_config(method, p_update=1.0 - 1e-9))  # Masks drawn.
+  s1, m1 = dense.train_step(state, *batch())
+  s2, m2 = almost.train_step(state, *batch())
+  chex.assert_trees_all_close(s1, s2)
+  assert bool(jnp.all(m2['block_updated']))
+
+
+def test_sparse_updates_keep_skipped_blocks_and_their_synthetic_models():
+  ff = make(small_config('dni', p_update=0.5, seed=3))
+  dense = make(small_config('dni'))
+  state = ff.init(jax.random.key(0))
+  state = state._replace(synthetic=tuple(
+      s._replace(params=perturb(s.params, i)) for i, s in
+      enumerate(state.synthetic)))
+  seen = set()
+  for step in range(6):
+    state = state._replace(step=jnp.asarray(step, jnp.int32))
+    new, metrics = ff.train_step(state, *batch(step))
+    full, _ = dense.train_step(state, *batch(step))
+    updated = np.asarray(metrics['block_updated'])
+    seen.add(tuple(updated))
+    modules = list(zip(state.layers + (state.head,),
+                       new.layers + (new.head,), full.layers + (full.head,)))
+    for j, (old, ours, everyone) in enumerate(modules):
+      chex.assert_trees_all_close(ours, everyone if updated[j] else old)
+    for j, (old, ours, everyone) in enumerate(zip(
+        state.synthetic, new.synthetic, full.synthetic)):
+      # Interface j learns from block j + 1's backward pass.
+      chex.assert_trees_all_close(ours, everyone if updated[j + 1] else old)
+  assert len(seen) > 1   # The masks vary from step to step.
+  # Per-layer dispatch draws the same masks and computes the same step.
+  per_layer, _ = dni_jax.per_layer_train_step(ff, state, *batch(5))
+  chex.assert_trees_all_close(per_layer, new, rtol=1e-5, atol=1e-6)

@@ -78,3 +78,17 @@ def test_reproduce_requires_its_flags(tmp_path):
        '--experiment=fig9a_single_dni', f'--out={tmp_path}'],
       capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1 and '--data_dir is required' in proc.stderr
+
+
+def test_sparse_table(tmp_path):
+  runs = []
+  for p in (1.0, 0.5):
+    w = fake_run(tmp_path, 4, 'dni', [4.0 / p], True, p)
+    cfg = json.loads(open(os.path.join(w, 'config.json')).read())
+    cfg.pop('dni_layers')
+    cfg['p_update'] = p
+    open(os.path.join(w, 'config.json'), 'w').write(json.dumps(cfg))
+    runs.append(reporting.load_run(w))
+  assert reporting.sparse_table(runs).splitlines() == [
+      '| p_update | dni |', '|---|---|',
+      '| 1 | 4.00 (4.00) |', '| 0.5 | 8.00 (8.00) |']

@@ -75,6 +75,8 @@ def test_script_writes_the_workdir_contract_and_learns(tmp_path, mnist_dir):
     (['--data_dir=/nonexistent/mnist'], '/nonexistent/mnist'),
     (['--dni_layers=4'], '--dni_layers=4'),
     (['--method=bprop', '--dni_layers=1'], '--method=bprop has no interfaces'),
+    (['--p_update=0'], '--p_update=0.0'),
+    (['--method=bprop', '--p_update=0.5'], '--p_update < 1 needs interfaces'),
 ])
 def test_script_bad_input_is_one_clear_line(tmp_path, mnist_dir, args, needle):
   workdir = tmp_path / 'run'
