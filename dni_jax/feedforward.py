@@ -5,25 +5,28 @@ layers (`HiddenDense`) and a classifier; DNI puts a synthetic-gradient model
 M_{i+1} on every interface i = 1..N-1 ("a 4-layer FCN = 3 hidden layers + the
 classifier, with 3 DNIs").
 
-Every method goes through the same pure step, `layer_update`: a module runs its
-forward pass under `jax.vjp`, asks a *gradient source* for the gradient of its
-output, and pulls that gradient back through the same vjp to get both its
-parameter update and the gradient of its input. The methods differ only in the
-gradient source at each interface:
+Every method goes through the same pure step, `chain_update`: a block of
+modules runs forward under `jax.vjp`, asks a *gradient source* for the
+gradient of its output, and pulls that gradient back through the same vjps to
+get both the parameter updates and the gradient of its input. The methods
+differ only in where the interfaces are and what their gradient source is:
 
-  bprop     the true gradient, pulled back from the layer above (update locked);
-  no_bprop  zero: only the classifier learns from the loss;
+  bprop     no interface: one block ending in the loss (update locked);
+  no_bprop  zero: only the top block learns from the loss;
   dni       delta_hat_i = M_{i+1}(h_i);
   cdni      delta_hat_i = M_{i+1}(h_i, one_hot(y)).
 
-The input gradient a layer returns is the target for the synthetic-gradient
+By default there is an interface after every hidden layer; `dni_layers`
+chooses them (Fig. 9), and `p_update` makes updates sparse (Fig. 5 left).
+The input gradient a block returns is the target for the synthetic-gradient
 model below it: bootstrapped from the synthetic gradient above, or the true
-loss gradient at the classifier (Fig. 2). Gradients crossing interfaces are
+loss gradient from the top block (Fig. 2). Gradients crossing interfaces are
 per-example gradients (see `dni_jax.interface`).
 
-`make_feedforward` returns the per-layer updates each jitted on its own (the
-decoupled API a researcher schedules one layer at a time), and a fused
-whole-network `train_step` (one jit, the same functions composed).
+`make_feedforward` returns the per-block updates each jitted on its own (the
+decoupled API a researcher schedules one module at a time), and a fused
+whole-network `train_step` (one jit, the same functions composed by the same
+`schedule`).
 """
 
 import dataclasses
