@@ -23,12 +23,12 @@ class FeedForwardExperiment:
   data_source: str = 'files'
   model: str = 'fcn'
   num_layers: int = 4
-  hidden_size: int = 256
+  hidden_size: int | None = None        # None: 256 units (FCN), 64 filters (CNN).
   method: str = 'dni'
   dni_layers: tuple[int, ...] | None = None  # None: after every layer.
   p_update: float = 1.0
   sg_hidden_layers: int | None = None   # None: the paper's choice (A.1).
-  sg_hidden_size: int = 1024
+  sg_hidden_size: int | None = None     # None: 1024 (FCN), hidden_size (CNN).
   learning_rate: float = 3e-5
   lr_boundaries: tuple[int, ...] = (300_000, 400_000)
   lr_decay: float = 0.1
@@ -47,13 +47,14 @@ class FeedForwardExperiment:
       bad('dataset', f'must be one of {", ".join(data.DATASETS)}')
     if self.data_source not in ('files', 'tfds'):
       bad('data_source', 'must be files or tfds')
-    if self.model != 'fcn':
-      bad('model', 'must be fcn')
+    if self.model not in feedforward.MODELS:
+      bad('model', f'must be one of {", ".join(feedforward.MODELS)}')
     if self.method not in feedforward.METHODS:
       bad('method', f'must be one of {", ".join(feedforward.METHODS)}')
     for flag in ('num_steps', 'eval_every', 'log_every', 'checkpoint_every',
                  'batch_size', 'hidden_size', 'sg_hidden_size'):
-      if getattr(self, flag) < 1:
+      value = getattr(self, flag)
+      if value is not None and value < 1:
         bad(flag, 'must be a positive integer')
     if self.num_layers < 2:
       bad('num_layers', 'must be >= 2 (hidden layers + the classifier)')
@@ -88,15 +89,32 @@ class FeedForwardExperiment:
 
   @property
   def resolved_sg_hidden_layers(self) -> int:
-    """A.1 (MNIST FCN): two hidden layers for DNI, zero (linear) for cDNI."""
+    """A.1: MNIST FCN, two hidden layers for DNI and zero (linear) for cDNI;
+    CNN, two hidden convolutional layers."""
     if self.sg_hidden_layers is not None:
       return self.sg_hidden_layers
-    return 0 if self.method == 'cdni' else 2
+    return 0 if (self.method == 'cdni' and self.model == 'fcn') else 2
+
+  @property
+  def resolved_hidden_size(self) -> int:
+    """A.1: 256 units per FCN layer, 64 filters per MNIST CNN layer."""
+    if self.hidden_size is not None:
+      return self.hidden_size
+    return 256 if self.model == 'fcn' else 64
+
+  @property
+  def resolved_sg_hidden_size(self) -> int:
+    """A.1: 1024 units (MNIST FCN); CNN: as many filters as the layers."""
+    if self.sg_hidden_size is not None:
+      return self.sg_hidden_size
+    return 1024 if self.model == 'fcn' else self.resolved_hidden_size
 
   def config_record(self) -> dict[str, Any]:
     """What config.json holds: every setting, defaults resolved."""
     record = dataclasses.asdict(self)
     record['sg_hidden_layers'] = self.resolved_sg_hidden_layers
+    record['hidden_size'] = self.resolved_hidden_size
+    record['sg_hidden_size'] = self.resolved_sg_hidden_size
     record['lr_boundaries'] = list(self.lr_boundaries)
     if self.dni_layers is not None:
       record['dni_layers'] = list(self.dni_layers)
@@ -120,11 +138,12 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
   config = feedforward.FeedForwardConfig(
       input_shape=tuple(train.images.shape[1:]),
       num_classes=train.num_classes,
+      model=exp.model,
       num_layers=exp.num_layers,
-      hidden_size=exp.hidden_size,
+      hidden_size=exp.resolved_hidden_size,
       method=exp.method,
       sg_hidden_layers=exp.resolved_sg_hidden_layers,
-      sg_hidden_size=exp.sg_hidden_size,
+      sg_hidden_size=exp.resolved_sg_hidden_size,
       learning_rate=exp.learning_rate,
       lr_boundaries=tuple(exp.lr_boundaries),
       lr_decay=exp.lr_decay,

@@ -44,6 +44,7 @@ from dni_jax import synthetic
 
 Array = jax.Array
 METHODS = ('bprop', 'no_bprop', 'dni', 'cdni')
+MODELS = ('fcn', 'cnn')
 DECOUPLED_METHODS = ('dni', 'cdni')
 
 
@@ -52,11 +53,12 @@ class FeedForwardConfig:
   """Network, synthetic-gradient model and optimiser settings (defaults: A.1 MNIST FCN)."""
   input_shape: tuple[int, ...] = (28, 28, 1)
   num_classes: int = 10
+  model: str = 'fcn'           # 'fcn' or 'cnn' (A.1).
   num_layers: int = 4          # Hidden layers + the classifier.
-  hidden_size: int = 256
+  hidden_size: int = 256       # Units (FCN) or filters (CNN) per hidden layer.
   method: str = 'dni'
   sg_hidden_layers: int = 2    # A.1: 2 for DNI, 0 for cDNI on MNIST FCNs.
-  sg_hidden_size: int = 1024
+  sg_hidden_size: int = 1024   # Units (FCN) or filters (CNN) of SG hidden layers.
   learning_rate: float = 3e-5
   lr_boundaries: tuple[int, ...] = (300_000, 400_000)
   lr_decay: float = 0.1
@@ -75,6 +77,10 @@ class FeedForwardConfig:
       raise ValueError(f'FeedForwardConfig: {msg}')
     if self.method not in METHODS:
       bad(f'method={self.method!r} is not one of {METHODS}')
+    if self.model not in MODELS:
+      bad(f'model={self.model!r} is not one of {MODELS}')
+    if self.model == 'cnn' and len(self.input_shape) != 3:
+      bad(f'model=cnn needs images [H, W, C]; input_shape={self.input_shape}')
     if self.num_layers < 2:
       bad(f'num_layers={self.num_layers} must be >= 2 (at least one hidden '
           'layer and the classifier, so there is an interface)')
@@ -153,9 +159,9 @@ class FeedForwardState(NamedTuple):
 
 class Modules(NamedTuple):
   """The (stateless) module definitions and optimiser of a configuration."""
-  hidden: layers.HiddenDense
+  hidden: tuple[Any, ...]     # One Flax definition per hidden layer.
   head: layers.Classifier
-  synthetic: synthetic.SyntheticGradientMLP
+  synthetic: Any              # The synthetic-gradient model definition.
   tx: optax.GradientTransformation
   conditioned: bool   # cDNI: synthetic gradients see the one-hot label.
   num_classes: int
@@ -173,11 +179,21 @@ def learning_rate_schedule(config: FeedForwardConfig) -> optax.Schedule:
 
 
 def build_modules(config: FeedForwardConfig) -> Modules:
+  num_hidden = config.num_layers - 1
+  if config.model == 'fcn':
+    hidden = (layers.HiddenDense(config.hidden_size),) * num_hidden
+    sg_model = synthetic.SyntheticGradientMLP(
+        config.sg_hidden_layers, config.sg_hidden_size, config.hidden_size)
+  else:
+    hidden = tuple(layers.HiddenConv(config.hidden_size,
+                                     'max' if i == 0 else 'avg')
+                   for i in range(num_hidden))
+    sg_model = synthetic.SyntheticGradientCNN(
+        config.sg_hidden_layers, config.sg_hidden_size, config.hidden_size)
   return Modules(
-      hidden=layers.HiddenDense(config.hidden_size),
+      hidden=hidden,
       head=layers.Classifier(config.num_classes),
-      synthetic=synthetic.SyntheticGradientMLP(
-          config.sg_hidden_layers, config.sg_hidden_size, config.hidden_size),
+      synthetic=sg_model,
       tx=optax.adam(learning_rate_schedule(config)),
       conditioned=config.method == 'cdni',
       num_classes=config.num_classes,
@@ -309,22 +325,26 @@ def context_for(modules: Modules, labels: Array) -> Array | None:
   return jax.nn.one_hot(labels, modules.num_classes, dtype=jnp.float32)
 
 
-def block_update(modules: Modules, layer_states: tuple[ModuleState, ...],
+def block_update(modules: Modules, layer_ids: tuple[int, ...],
+                 layer_states: tuple[ModuleState, ...],
                  sg_state: ModuleState | None, x: Array,
                  context: Array | None):
   """Decoupled update of a block of hidden layers ending at an interface: no
-  waiting for anything above it. The gradient source is the synthetic gradient
-  of the model on that interface (`sg_state`), or zero when `sg_state` is None
-  (No-Bprop). Returns (new_layer_states, outputs, grad_x, grad_h)."""
+  waiting for anything above it. `layer_ids` (static, 0-based) say which
+  hidden layers `layer_states` are. The gradient source is the synthetic
+  gradient of the model on that interface (`sg_state`), or zero when
+  `sg_state` is None (No-Bprop). Returns
+  (new_layer_states, outputs, grad_x, grad_h)."""
   if sg_state is None:
     source = zero_gradient
   else:
     source = lambda h: synthetic_gradient(modules, sg_state, h, context)
-  return chain_update((modules.hidden,) * len(layer_states), modules.tx,
+  return chain_update(tuple(modules.hidden[i] for i in layer_ids), modules.tx,
                       layer_states, x, source)
 
 
-def top_block_update(modules: Modules, layer_states: tuple[ModuleState, ...],
+def top_block_update(modules: Modules, layer_ids: tuple[int, ...],
+                     layer_states: tuple[ModuleState, ...],
                      head_state: ModuleState, x: Array, labels: Array):
   """Update of the top block (hidden layers above the last interface, then the
   classifier) from the true loss gradient.
@@ -339,19 +359,20 @@ def top_block_update(modules: Modules, layer_states: tuple[ModuleState, ...],
     loss, grad = interface.softmax_cross_entropy_grad(logits, labels)
     loss_box.append(loss)
     return grad
-  models = (modules.hidden,) * len(layer_states) + (modules.head,)
+  models = tuple(modules.hidden[i] for i in layer_ids) + (modules.head,)
   new_states, outputs, grad_x, _ = chain_update(
       models, modules.tx, layer_states + (head_state,), x, loss_gradient)
   return (new_states[:-1], new_states[-1], outputs[:-1], grad_x, loss_box[0],
           outputs[-1])
 
 
-def hidden_update(modules: Modules, layer_state: ModuleState,
+def hidden_update(modules: Modules, layer: int, layer_state: ModuleState,
                   sg_state: ModuleState | None, x: Array,
                   context: Array | None):
-  """`block_update` of one hidden layer: (new_state, h, grad_x, grad_h)."""
+  """`block_update` of hidden layer `layer` (static, 0-based) alone:
+  (new_state, h, grad_x, grad_h)."""
   (new_state,), (h,), grad_x, grad_h = block_update(
-      modules, (layer_state,), sg_state, x, context)
+      modules, (layer,), (layer_state,), sg_state, x, context)
   return new_state, h, grad_x, grad_h
 
 
@@ -359,25 +380,25 @@ def head_update(modules: Modules, head_state: ModuleState, x: Array,
                 labels: Array):
   """`top_block_update` of the classifier alone:
   (new_head_state, grad_x, loss, logits)."""
-  _, head, _, grad_x, loss, logits = top_block_update(modules, (), head_state,
-                                                      x, labels)
+  _, head, _, grad_x, loss, logits = top_block_update(modules, (), (),
+                                                      head_state, x, labels)
   return head, grad_x, loss, logits
 
 
-def backprop_update(modules: Modules, layer_state: ModuleState, x: Array,
-                    grad_h: Array):
+def backprop_update(modules: Modules, layer: int, layer_state: ModuleState,
+                    x: Array, grad_h: Array):
   """Update of one hidden layer from a given per-example gradient of its output
   (an externally supplied or oracle gradient).
   Returns (new_layer_state, h, grad_x, grad_h)."""
-  return layer_update(modules.hidden, modules.tx, layer_state, x,
+  return layer_update(modules.hidden[layer], modules.tx, layer_state, x,
                       lambda h: grad_h)
 
 
-def hidden_forward(modules: Modules, layer_state: ModuleState, x: Array,
-                   train: bool = True) -> Array:
-  """Forward of one hidden layer without updating anything."""
-  h, _ = _apply(modules.hidden, layer_state.params, layer_state.batch_stats, x,
-                train=train)
+def hidden_forward(modules: Modules, layer: int, layer_state: ModuleState,
+                   x: Array, train: bool = True) -> Array:
+  """Forward of hidden layer `layer` (0-based) without updating anything."""
+  h, _ = _apply(modules.hidden[layer], layer_state.params,
+                layer_state.batch_stats, x, train=train)
   return h
 
 
@@ -415,14 +436,14 @@ def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
   calls is free. Returns (new_state, metrics); metrics hold `loss`,
   `accuracy`, `sg_loss` per interface, and per-module finiteness flags.
   """
-  x = layers.flatten(images)
+  x = images
   context = fns.context(labels)
   new_layers = list(state.layers)
   activations, interface_inputs, targets, grads_h = [], [], [], []
   for j, block in enumerate(modules.blocks[:-1]):
     sg_state = state.synthetic[j] if modules.use_synthetic else None
     new, outputs, grad_x, grad_h = fns.block_update(
-        tuple(state.layers[i] for i in block), sg_state, x, context)
+        block, tuple(state.layers[i] for i in block), sg_state, x, context)
     for i, layer_state in zip(block, new):
       new_layers[i] = layer_state
     activations += outputs
@@ -433,7 +454,7 @@ def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
       targets.append(grad_x)  # Bootstrapped target for interface j - 1.
   top = modules.blocks[-1]
   new_top, head, outputs, grad_x, loss, logits = fns.top_block_update(
-      tuple(state.layers[i] for i in top), state.head, x, labels)
+      top, tuple(state.layers[i] for i in top), state.head, x, labels)
   for i, layer_state in zip(top, new_top):
     new_layers[i] = layer_state
   activations += outputs
@@ -496,8 +517,8 @@ def synthetic_gradient_diagnostics(modules: Modules, state: FeedForwardState,
   network in training mode (what a Bprop step would use). Returns arrays with
   one value per interface: `sg_l2_error`, `sg_cosine`, `sg_sign_error`.
   """
-  x = layers.flatten(images)
-  models = (modules.hidden,) * len(state.layers) + (modules.head,)
+  x = images
+  models = modules.hidden + (modules.head,)
   true_grads = {}
   def loss_gradient(logits):
     return interface.softmax_cross_entropy_grad(logits, labels)[1]
@@ -525,9 +546,9 @@ def synthetic_gradient_diagnostics(modules: Modules, state: FeedForwardState,
 
 def predict(modules: Modules, state: FeedForwardState, images: Array) -> Array:
   """Test-time logits: all layers connected, batch norm in inference mode."""
-  x = layers.flatten(images)
-  for layer_state in state.layers:
-    x = hidden_forward(modules, layer_state, x, train=False)
+  x = images
+  for i, layer_state in enumerate(state.layers):
+    x = hidden_forward(modules, i, layer_state, x, train=False)
   logits, _ = _apply(modules.head, state.head.params, state.head.batch_stats,
                      x, train=False)
   return logits
@@ -554,12 +575,14 @@ def init(modules: Modules, config: FeedForwardConfig,
          rng: Array) -> FeedForwardState:
   """Initial state. Each module's key depends only on its position, so every
   method starts from the same layer weights for the same seed."""
-  x = jnp.zeros((1, math.prod(config.input_shape)), jnp.float32)
-  layer_states = []
-  for i in range(config.num_layers - 1):
-    layer_states.append(_init_module(modules.hidden, modules.tx,
+  x = jnp.zeros((1,) + tuple(config.input_shape), jnp.float32)
+  layer_states, outputs = [], []
+  for i, model in enumerate(modules.hidden):
+    layer_states.append(_init_module(model, modules.tx,
                                      jax.random.fold_in(rng, i), x))
-    x = jnp.zeros((1, config.hidden_size), jnp.float32)
+    x = jnp.zeros_like(hidden_forward(modules, i, layer_states[-1], x,
+                                      train=False))
+    outputs.append(x)
   head = _init_module(modules.head, modules.tx,
                       jax.random.fold_in(rng, config.num_layers - 1), x)
   synthetic_states = ()
@@ -567,7 +590,8 @@ def init(modules: Modules, config: FeedForwardConfig,
     context = context_for(modules, jnp.zeros((1,), jnp.int32))
     synthetic_states = tuple(
         _init_module(modules.synthetic, modules.tx,
-                     jax.random.fold_in(rng, 1000 + layer), x, context)
+                     jax.random.fold_in(rng, 1000 + layer), outputs[layer - 1],
+                     context)
         for layer in config.interfaces)
   return FeedForwardState(tuple(layer_states), head, synthetic_states,
                           jnp.zeros((), jnp.int32))
@@ -576,18 +600,20 @@ def init(modules: Modules, config: FeedForwardConfig,
 class FeedForward(NamedTuple):
   """What `make_feedforward` returns: functions closed over one configuration.
 
-  Decoupled per-module API (each its own jit):
-    hidden_update(layer_state, sg_state | None, x, context)
+  Decoupled per-module API (each its own jit; `layer` and `layer_ids` are
+  static 0-based hidden-layer indices):
+    hidden_update(layer, layer_state, sg_state | None, x, context)
         -> (layer_state, h, grad_x, grad_h)
-    block_update(layer_states, sg_state | None, x, context)
+    block_update(layer_ids, layer_states, sg_state | None, x, context)
         -> (layer_states, outputs, grad_x, grad_h)
     head_update(head_state, x, labels) -> (head_state, grad_x, loss, logits)
-    top_block_update(layer_states, head_state, x, labels)
+    top_block_update(layer_ids, layer_states, head_state, x, labels)
         -> (layer_states, head_state, outputs, grad_x, loss, logits)
     synthetic_update(sg_state, h, context, target) -> (sg_state, sg_loss)
     synthetic_gradient(sg_state, h, context) -> delta_hat
-    backprop_update(layer_state, x, grad_h) -> (layer_state, h, grad_x, grad_h)
-    hidden_forward(layer_state, x) -> h
+    backprop_update(layer, layer_state, x, grad_h)
+        -> (layer_state, h, grad_x, grad_h)
+    hidden_forward(layer, layer_state, x) -> h
     context(labels) -> one-hot labels (cDNI) or None
   Whole network:
     init(rng) -> state
@@ -626,6 +652,7 @@ def make_feedforward(config: FeedForwardConfig, jit: bool = True,
     donate = jax.default_backend() != 'cpu'
   wrap = jax.jit if jit else (lambda f, **_: f)
   bind = lambda f: functools.partial(f, modules)
+  static_layers = {'static_argnums': (0,)}  # Layer indices pick definitions.
   return FeedForward(
       config=config,
       modules=modules,
@@ -634,14 +661,14 @@ def make_feedforward(config: FeedForwardConfig, jit: bool = True,
       eval_batch=wrap(bind(eval_batch)),
       predict=wrap(bind(predict)),
       diagnostics=wrap(bind(synthetic_gradient_diagnostics)),
-      hidden_update=wrap(bind(hidden_update)),
-      block_update=wrap(bind(block_update)),
+      hidden_update=wrap(bind(hidden_update), **static_layers),
+      block_update=wrap(bind(block_update), **static_layers),
       head_update=wrap(bind(head_update)),
-      top_block_update=wrap(bind(top_block_update)),
+      top_block_update=wrap(bind(top_block_update), **static_layers),
       synthetic_update=wrap(bind(synthetic_update)),
       synthetic_gradient=wrap(bind(synthetic_gradient)),
-      backprop_update=wrap(bind(backprop_update)),
-      hidden_forward=wrap(bind(hidden_forward)),
+      backprop_update=wrap(bind(backprop_update), **static_layers),
+      hidden_forward=wrap(bind(hidden_forward), static_argnums=(0, 3)),
       context=wrap(bind(context_for)),
   )
 

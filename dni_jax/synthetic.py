@@ -30,3 +30,33 @@ class SyntheticGradientMLP(nn.Module):
     out = nn.Dense(self.out_features, kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.zeros)(x)
     return out.reshape(h_BxD.shape)
+
+
+class SyntheticGradientCNN(nn.Module):
+  """Convolutional M(h, c) for CNN activations (Sec. 3.1, A.1).
+
+  A CNN without pooling: `hidden_layers` x (5x5 resolution-preserving
+  convolution -> BatchNorm -> ReLU), then a 5x5 convolution to the channels of
+  h, zero-initialised. cDNI: the label enters as ten channel masks, the one of
+  the label all ones and the other nine all zeros (A.1).
+  """
+  hidden_layers: int
+  features: int
+  out_features: int
+
+  @nn.compact
+  def __call__(self, h_BxHxWxC: jax.Array, context_BxK: jax.Array | None,
+               train: bool) -> jax.Array:
+    x = h_BxHxWxC
+    if context_BxK is not None:
+      masks = jnp.broadcast_to(
+          context_BxK[:, None, None, :].astype(x.dtype),
+          x.shape[:-1] + (context_BxK.shape[-1],))
+      x = jnp.concatenate([x, masks], axis=-1)
+    for _ in range(self.hidden_layers):
+      x = nn.Conv(self.features, (5, 5), padding='SAME', use_bias=False)(x)
+      x = nn.BatchNorm(use_running_average=not train)(x)
+      x = nn.relu(x)
+    return nn.Conv(self.out_features, (5, 5), padding='SAME',
+                   kernel_init=nn.initializers.zeros,
+                   bias_init=nn.initializers.zeros)(x)

@@ -26,11 +26,16 @@ flags.DEFINE_string('data_dir', None,
                     'folder ' + data.FASHION_MNIST_DEBIAN_DIR + '.')
 flags.DEFINE_enum('data_source', _D.data_source, ['files', 'tfds'],
                   'Read local files, or use tensorflow-datasets.')
-flags.DEFINE_enum('model', _D.model, ['fcn'], 'Network family.')
+flags.DEFINE_enum('model', _D.model, list(feedforward.MODELS),
+                  'fcn: linear -> BatchNorm -> ReLU layers; cnn: 5x5 conv -> '
+                  'BatchNorm -> ReLU -> 3x3 pooling (max first, then avg).')
 flags.DEFINE_integer('num_layers', _D.num_layers,
                      'Layers counted as in the paper: hidden layers + the '
                      'classifier (4 layers = 3 DNIs).')
-flags.DEFINE_integer('hidden_size', _D.hidden_size, 'Units per hidden layer.')
+flags.DEFINE_integer('hidden_size', None,
+                     'Units (fcn) or filters (cnn) per hidden layer; default '
+                     'as in A.1: 256 units, 64 filters (use 128 for CIFAR-10 '
+                     'CNNs, 1000 for CIFAR-10 FCNs).')
 flags.DEFINE_enum('method', _D.method, list(feedforward.METHODS),
                   'bprop | no_bprop | dni | cdni (label-conditioned DNI).')
 flags.DEFINE_list('dni_layers', None,
@@ -43,9 +48,11 @@ flags.DEFINE_float('p_update', 1.0,
                    'backward pass and update with this probability.')
 flags.DEFINE_integer('sg_hidden_layers', None,
                      'Hidden layers of each synthetic-gradient MLP (0-2); '
-                     'default as in A.1: 2 for dni, 0 for cdni.')
-flags.DEFINE_integer('sg_hidden_size', _D.sg_hidden_size,
-                     'Units per synthetic-gradient hidden layer.')
+                     'default as in A.1: 2, except 0 for fcn cdni.')
+flags.DEFINE_integer('sg_hidden_size', None,
+                     'Units (fcn) or filters (cnn) per synthetic-gradient '
+                     'hidden layer; default as in A.1: 1024 units, or as many '
+                     'filters as the layers (4000 for CIFAR-10 FCNs).')
 flags.DEFINE_float('learning_rate', _D.learning_rate, 'Adam learning rate.')
 flags.DEFINE_list('lr_boundaries', [str(b) for b in _D.lr_boundaries],
                   'Steps at which the learning rate is multiplied by '

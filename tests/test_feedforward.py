@@ -48,9 +48,11 @@ def perturb(tree, seed, scale=0.3):
 def whole_network_loss(modules, layer_params, head_params, batch_stats, x,
                        labels):
   """Reference: the network as one ordinary function (train-mode BN)."""
-  for params, stats in zip(layer_params, batch_stats):
-    x, _ = modules.hidden.apply({'params': params, 'batch_stats': stats}, x,
-                                train=True, mutable=['batch_stats'])
+  first = len(modules.hidden) - len(layer_params)   # Top layers only.
+  for i, (params, stats) in enumerate(zip(layer_params, batch_stats)):
+    x, _ = modules.hidden[first + i].apply(
+        {'params': params, 'batch_stats': stats}, x, train=True,
+        mutable=['batch_stats'])
   logits = modules.head.apply({'params': head_params}, x, train=True)
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
@@ -89,7 +91,7 @@ def test_bprop_step_equals_whole_network_gradient_step():
   modules = ff.modules
   layer_params = [s.params for s in state.layers]
   stats = [s.batch_stats for s in state.layers]
-  x = layers.flatten(images)
+  x = images
   loss, (g_layers, g_head) = jax.value_and_grad(
       lambda lp, hp: whole_network_loss(modules, lp, hp, stats, x, labels),
       argnums=(0, 1))(layer_params, state.head.params)
@@ -116,10 +118,10 @@ def test_oracle_synthetic_gradient_makes_dni_equal_backprop(method):
   modules = ff.modules
 
   # Forward once to get every layer's input, then the oracle for each output.
-  inputs, x = [], layers.flatten(images)
-  for s in state.layers:
+  inputs, x = [], images
+  for i, s in enumerate(state.layers):
     inputs.append(x)
-    x = ff.hidden_forward(s, x)
+    x = ff.hidden_forward(i, s, x)
   inputs.append(x)
   stats = [s.batch_stats for s in state.layers]
 
@@ -133,8 +135,8 @@ def test_oracle_synthetic_gradient_makes_dni_equal_backprop(method):
   for i, s in enumerate(state.layers):
     oracle = B * jax.grad(loss_from, argnums=1)(i, inputs[i + 1])
     oracle_source = lambda h, g=oracle: g
-    new_s, h, _, grad_h = ff_lib.layer_update(modules.hidden, modules.tx, s,
-                                              inputs[i], oracle_source)
+    new_s, h, _, grad_h = ff_lib.layer_update(modules.hidden[i], modules.tx,
+                                              s, inputs[i], oracle_source)
     chex.assert_trees_all_close(h, inputs[i + 1], rtol=1e-6)
     new_layers.append(new_s)
   new_head, _, _, _ = ff.head_update(state.head, inputs[-1], labels)
@@ -204,19 +206,19 @@ def test_synthetic_gradient_targets_are_bootstrapped_and_true_at_top():
       s._replace(params=perturb(s.params, i)) for i, s in
       enumerate(state.synthetic)))
   images, labels = batch()
-  x = layers.flatten(images)
-  hs = [x]
-  for s in state.layers:
-    hs.append(ff.hidden_forward(s, hs[-1]))
+  hs = [images]
+  for i, s in enumerate(state.layers):
+    hs.append(ff.hidden_forward(i, s, hs[-1]))
   # Top: true gradient of the loss w.r.t. the classifier's input.
   _, top_target, loss, _ = ff.head_update(state.head, hs[-1], labels)
   true_top = B * jax.grad(lambda h: whole_network_loss(
       ff.modules, [], state.head.params, [], h, labels))(hs[-1])
   chex.assert_trees_all_close(top_target, true_top, rtol=1e-5, atol=1e-6)
   # Layer 2's returned input gradient = its vjp applied to M_3(h_2).
-  _, h2, target1, ghat2 = ff.hidden_update(state.layers[1], state.synthetic[1],
-                                           hs[1], None)
-  _, vjp_fn, _ = ff_lib.module_vjp(ff.modules.hidden, state.layers[1], hs[1])
+  _, h2, target1, ghat2 = ff.hidden_update(1, state.layers[1],
+                                           state.synthetic[1], hs[1], None)
+  _, vjp_fn, _ = ff_lib.module_vjp(ff.modules.hidden[1], state.layers[1],
+                                   hs[1])
   _, expected = interface.pull_back(vjp_fn, ghat2)
   chex.assert_trees_all_close(target1, expected, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(ghat2).sum()) > 0
@@ -256,6 +258,8 @@ def test_learning_rate_schedule_steps_down():
     (dict(dni_layers=(2, 1)), 'dni_layers'),
     (dict(method='bprop', dni_layers=(1,)), 'method=bprop has no interfaces'),
     (dict(p_update=0.0), 'p_update'),
+    (dict(model='mlp'), 'model'),
+    (dict(model='cnn', input_shape=(784,)), 'needs images'),
     (dict(p_update=1.5), 'p_update'),
     (dict(method='bprop', p_update=0.5), 'needs interfaces'),
 ])
@@ -326,8 +330,7 @@ def test_diagnostics_compare_synthetic_with_backpropagated_gradient():
   for key in ('sg_l2_error', 'sg_cosine', 'sg_sign_error'):
     chex.assert_shape(d[key], (3,))
   # Zero synthetic gradients at init: the L2 error is the true gradient's norm.
-  x = layers.flatten(images)
-  h1 = ff.hidden_forward(state.layers[0], x)
+  h1 = ff.hidden_forward(0, state.layers[0], images)
   lp = [s.params for s in state.layers]
   stats = [s.batch_stats for s in state.layers]
   true1 = B * jax.grad(lambda h: whole_network_loss(
@@ -396,3 +399,97 @@ def test_sparse_updates_keep_skipped_blocks_and_their_synthetic_models():
   # Per-layer dispatch draws the same masks and computes the same step.
   per_layer, _ = dni_jax.per_layer_train_step(ff, state, *batch(5))
   chex.assert_trees_all_close(per_layer, new, rtol=1e-5, atol=1e-6)
+
+
+def cnn_config(method, **kw):
+  return small_config(method, model='cnn', hidden_size=4, sg_hidden_size=4,
+                      sg_hidden_layers=2, **kw)
+
+
+def test_cnn_layers_pool_and_conv_synthetic_gradients_start_at_zero():
+  ff = make(cnn_config('cdni', input_shape=(8, 8, 1)))
+  assert [m.pool for m in ff.modules.hidden] == ['max', 'avg', 'avg']
+  state = ff.init(jax.random.key(0))
+  k1, k2 = jax.random.split(jax.random.key(1))
+  images = jax.random.uniform(k1, (B, 8, 8, 1))
+  labels = jax.random.randint(k2, (B,), 0, 10)
+  x, shapes = images, []
+  for i, s in enumerate(state.layers):
+    x = ff.hidden_forward(i, s, x)
+    shapes.append(x.shape)
+    g = ff.synthetic_gradient(state.synthetic[i], x, ff.context(labels))
+    chex.assert_shape(g, x.shape)
+    np.testing.assert_array_equal(g, 0.0)
+  assert shapes == [(B, 4, 4, 4), (B, 2, 2, 4), (B, 1, 1, 4)]
+
+
+def test_conv_cdni_label_enters_as_channel_masks():
+  ff = make(cnn_config('cdni', input_shape=(8, 8, 1)))
+  sg = ff.init(jax.random.key(0)).synthetic[0]
+  kernel = sg.params['Conv_0']['kernel']           # [5, 5, 4 + 10, 4]
+  chex.assert_shape(kernel, (5, 5, 14, 4))
+  # Only the label's mask channel is on: its kernel slice alone changes g.
+  h = jax.random.normal(jax.random.key(3), (B, 4, 4, 4))
+  labels = jnp.full((B,), 7)
+  params = jax.tree.map(lambda p: p, sg.params)
+  params['Conv_2']['kernel'] = perturb(params['Conv_2']['kernel'], 0)
+  base = ff.synthetic_gradient(sg._replace(params=params), h,
+                               ff.context(labels))
+  bumped = dict(params)
+  bumped['Conv_0'] = dict(params['Conv_0'])
+  bumped['Conv_0']['kernel'] = kernel.at[:, :, 4 + 3].add(5.0)  # Label 3.
+  same = ff.synthetic_gradient(sg._replace(params=bumped), h,
+                               ff.context(labels))
+  chex.assert_trees_all_close(base, same)
+  bumped['Conv_0']['kernel'] = kernel.at[:, :, 4 + 7].add(5.0)  # Label 7.
+  changed = ff.synthetic_gradient(sg._replace(params=bumped), h,
+                                  ff.context(labels))
+  assert float(jnp.max(jnp.abs(changed - base))) > 1e-3
+
+
+@pytest.mark.parametrize('method', ['dni', 'cdni', 'no_bprop', 'bprop'])
+def test_cnn_fused_step_equals_per_layer_steps(method):
+  ff = make(cnn_config(method))
+  fused = per_layer = ff.init(jax.random.key(0))
+  for step in range(2):
+    fused, _ = ff.train_step(fused, *batch(step))
+    per_layer, _ = dni_jax.per_layer_train_step(ff, per_layer, *batch(step))
+  chex.assert_trees_all_close(fused, per_layer, rtol=1e-5, atol=1e-6)
+
+
+def test_cnn_oracle_synthetic_gradient_makes_dni_equal_backprop():
+  ff = make(cnn_config('dni'))
+  bp = make(cnn_config('bprop'))
+  state = ff.init(jax.random.key(0))
+  images, labels = batch()
+  modules = ff.modules
+  inputs, x = [], images
+  for i, s in enumerate(state.layers):
+    inputs.append(x)
+    x = ff.hidden_forward(i, s, x)
+  inputs.append(x)
+  stats = [s.batch_stats for s in state.layers]
+  lp = [s.params for s in state.layers]
+  new_layers = []
+  for i, s in enumerate(state.layers):
+    oracle = B * jax.grad(lambda h: whole_network_loss(
+        modules, lp[i + 1:], state.head.params, stats[i + 1:], h,
+        labels))(inputs[i + 1])
+    new_layers.append(ff.backprop_update(i, s, inputs[i], oracle)[0])
+  bp_state, _ = bp.train_step(bp.init(jax.random.key(0)), images, labels)
+  chex.assert_trees_all_close(new_layers, list(bp_state.layers), rtol=1e-5,
+                              atol=1e-6)
+
+
+def test_cnn_cdni_learns():
+  ff = make(cnn_config('cdni', learning_rate=1e-2))
+  state = ff.init(jax.random.key(0))
+  k1, k2 = jax.random.split(jax.random.key(7))
+  labels = jax.random.randint(k2, (64,), 0, 10)
+  images = (jax.random.uniform(k1, (64, 4, 4, 1)) * 0.3
+            + jax.nn.one_hot(labels, 16).reshape(64, 4, 4, 1))
+  first = None
+  for _ in range(200):
+    state, metrics = ff.train_step(state, images, labels)
+    first = float(metrics['loss']) if first is None else first
+  assert float(metrics['loss']) < 0.7 * first

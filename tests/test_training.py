@@ -100,6 +100,19 @@ def test_script_single_dni_writes_one_interface(tmp_path, mnist_dir):
   assert len(row['sg_loss']) == 1 and len(row['sg_cosine']) == 1
 
 
+def test_script_trains_a_cnn_and_records_resolved_sizes(tmp_path, mnist_dir):
+  workdir = tmp_path / 'run'
+  proc = run_script(f'--workdir={workdir}', f'--data_dir={mnist_dir}',
+                    '--model=cnn', '--num_layers=3', '--hidden_size=4',
+                    '--method=cdni', '--batch_size=16', '--num_steps=3',
+                    '--eval_every=3')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  config = json.loads((workdir / 'config.json').read_text())
+  assert (config['model'], config['hidden_size'], config['sg_hidden_size'],
+          config['sg_hidden_layers']) == ('cnn', 4, 4, 2)
+  assert len(read_lines(workdir / 'metrics.jsonl')[-1]['sg_cosine']) == 2
+
+
 def test_script_requires_workdir(mnist_dir):
   proc = run_script(f'--data_dir={mnist_dir}')
   assert proc.returncode == 1 and '--workdir is required' in proc.stderr
