@@ -27,6 +27,7 @@ class FeedForwardExperiment:
   method: str = 'dni'
   dni_layers: tuple[int, ...] | None = None  # None: after every layer.
   p_update: float = 1.0
+  synthetic_inputs: bool = False
   sg_hidden_layers: int | None = None   # None: the paper's choice (A.1).
   sg_hidden_size: int | None = None     # None: 1024 (FCN), hidden_size (CNN).
   learning_rate: float = 3e-5
@@ -74,6 +75,12 @@ class FeedForwardExperiment:
     if self.p_update < 1 and self.method == 'bprop':
       raise ValueError('--p_update < 1 needs interfaces to decouple the '
                        'layers; use --method=dni, cdni or no_bprop')
+    if self.synthetic_inputs and self.method not in ('dni', 'cdni'):
+      raise ValueError(f'--synthetic_inputs needs --method=dni or cdni (got '
+                       f'--method={self.method})')
+    if self.synthetic_inputs and self.model != 'fcn':
+      raise ValueError('--synthetic_inputs is implemented for --model=fcn '
+                       'only')
     if self.dni_layers is not None:
       if self.method == 'bprop':
         raise ValueError('--dni_layers is set but --method=bprop has no '
@@ -93,6 +100,8 @@ class FeedForwardExperiment:
     CNN, two hidden convolutional layers."""
     if self.sg_hidden_layers is not None:
       return self.sg_hidden_layers
+    if self.synthetic_inputs:
+      return 1   # A.1, complete unlock: one hidden layer for both models.
     return 0 if (self.method == 'cdni' and self.model == 'fcn') else 2
 
   @property
@@ -149,6 +158,7 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
       lr_decay=exp.lr_decay,
       dni_layers=exp.dni_layers,
       p_update=exp.p_update,
+      synthetic_inputs=exp.synthetic_inputs,
       seed=exp.seed)
   ff = feedforward.make_feedforward(config)
   diagnostics = None

@@ -71,6 +71,10 @@ class FeedForwardConfig:
   # `seed` and the step).
   p_update: float = 1.0
   seed: int = 0
+  # Complete unlock (Fig. 5 right, Fig. 6, A.1): every block above the first
+  # reads a synthetic input I(data) instead of the output of the block below,
+  # so no block waits for another's forward pass either.
+  synthetic_inputs: bool = False
 
   def __post_init__(self):
     def bad(msg):
@@ -106,6 +110,10 @@ class FeedForwardConfig:
     if self.p_update < 1 and self.method == 'bprop':
       bad('p_update < 1 needs interfaces to decouple the layers; use dni, '
           'cdni or no_bprop')
+    if self.synthetic_inputs and self.method not in DECOUPLED_METHODS:
+      bad(f'synthetic_inputs needs method dni or cdni, not {self.method}')
+    if self.synthetic_inputs and self.model != 'fcn':
+      bad('synthetic_inputs is implemented for model=fcn only')
     if self.dni_layers is not None:
       if self.method == 'bprop':
         bad('dni_layers is set but method=bprop has no interfaces; use dni, '
@@ -155,6 +163,9 @@ class FeedForwardState(NamedTuple):
                                       # synthetic[j] predicts the gradient of
                                       # the output of layer interfaces[j].
   step: Array                         # int32 scalar, training steps taken.
+  inputs: tuple[ModuleState, ...] = ()  # Complete unlock: one synthetic-input
+                                        # model per interface; inputs[j] feeds
+                                        # the block above interface j.
 
 
 class Modules(NamedTuple):
@@ -169,6 +180,7 @@ class Modules(NamedTuple):
   interfaces: tuple[int, ...]           # FeedForwardConfig.interfaces
   use_synthetic: bool                   # dni/cdni; False: zero gradients.
   p_update: float                       # FeedForwardConfig.p_update
+  synthetic_input: Any                  # Input model definition, or None.
   seed: int                             # Seed of the sparse-update masks.
 
 
@@ -201,6 +213,9 @@ def build_modules(config: FeedForwardConfig) -> Modules:
       interfaces=config.interfaces,
       use_synthetic=config.uses_synthetic_gradients,
       p_update=config.p_update,
+      synthetic_input=(synthetic.SyntheticInputMLP(config.sg_hidden_size,
+                                                   config.hidden_size)
+                       if config.synthetic_inputs else None),
       seed=config.seed)
 
 
@@ -313,6 +328,27 @@ def synthetic_update(modules: Modules, sg_state: ModuleState, h: Array,
   return apply_gradients(modules.tx, sg_state, grads, batch_stats), loss
 
 
+def synthetic_input(modules: Modules, si_state: ModuleState,
+                    images: Array) -> Array:
+  """h_hat = I(data): a block's synthetic input (complete unlock, Fig. 6)."""
+  out, _ = _apply(modules.synthetic_input, si_state.params,
+                  si_state.batch_stats, images, train=True)
+  return out
+
+
+def synthetic_input_update(modules: Modules, si_state: ModuleState,
+                           images: Array, target: Array):
+  """Regresses I(data) to the real input (the output the block below
+  produced), L2 loss. Returns (new_si_state, si_loss)."""
+  def loss_fn(params):
+    pred, batch_stats = _apply(modules.synthetic_input, params,
+                               si_state.batch_stats, images, train=True)
+    return interface.synthetic_gradient_loss(pred, target), batch_stats
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      si_state.params)
+  return apply_gradients(modules.tx, si_state, grads, batch_stats), loss
+
+
 def zero_gradient(h: Array) -> Array:
   """No-Bprop's gradient source."""
   return jnp.zeros_like(h)
@@ -417,12 +453,15 @@ class BlockFunctions(NamedTuple):
   top_block_update: Callable
   synthetic_update: Callable
   context: Callable
+  synthetic_input: Callable
+  synthetic_input_update: Callable
 
 
 def _bind_block_functions(modules: Modules) -> BlockFunctions:
   bind = lambda f: functools.partial(f, modules)
   return BlockFunctions(bind(block_update), bind(top_block_update),
-                        bind(synthetic_update), bind(context_for))
+                        bind(synthetic_update), bind(context_for),
+                        bind(synthetic_input), bind(synthetic_input_update))
 
 
 def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
@@ -436,11 +475,15 @@ def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
   calls is free. Returns (new_state, metrics); metrics hold `loss`,
   `accuracy`, `sg_loss` per interface, and per-module finiteness flags.
   """
+  unlocked = modules.synthetic_input is not None
   x = images
   context = fns.context(labels)
   new_layers = list(state.layers)
-  activations, interface_inputs, targets, grads_h = [], [], [], []
+  activations, block_inputs, block_outputs, targets, grads_h = [], [], [], [], []
   for j, block in enumerate(modules.blocks[:-1]):
+    if unlocked and j > 0:
+      x = fns.synthetic_input(state.inputs[j - 1], images)
+    block_inputs.append(x)
     sg_state = state.synthetic[j] if modules.use_synthetic else None
     new, outputs, grad_x, grad_h = fns.block_update(
         block, tuple(state.layers[i] for i in block), sg_state, x, context)
@@ -448,11 +491,14 @@ def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
       new_layers[i] = layer_state
     activations += outputs
     x = outputs[-1]
-    interface_inputs.append(x)
+    block_outputs.append(x)
     grads_h.append(grad_h)
     if j > 0:
       targets.append(grad_x)  # Bootstrapped target for interface j - 1.
   top = modules.blocks[-1]
+  if unlocked and len(modules.blocks) > 1:
+    x = fns.synthetic_input(state.inputs[-1], images)
+  block_inputs.append(x)
   new_top, head, outputs, grad_x, loss, logits = fns.top_block_update(
       top, tuple(state.layers[i] for i in top), state.head, x, labels)
   for i, layer_state in zip(top, new_top):
@@ -460,12 +506,22 @@ def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
   activations += outputs
   targets.append(grad_x)      # True gradient: target for the top interface.
 
+  # Interface j's synthetic-gradient model is trained where block j + 1 took
+  # its input (the real output of block j, or its synthetic input).
   new_synthetic, sg_losses = [], []
   if modules.use_synthetic:
-    for sg_state, h, target in zip(state.synthetic, interface_inputs, targets):
+    for sg_state, h, target in zip(state.synthetic, block_inputs[1:],
+                                   targets):
       sg_state, sg_loss = fns.synthetic_update(sg_state, h, context, target)
       new_synthetic.append(sg_state)
       sg_losses.append(sg_loss)
+  new_inputs, si_losses = [], []
+  if unlocked:
+    for si_state, real_input in zip(state.inputs, block_outputs):
+      si_state, si_loss = fns.synthetic_input_update(si_state, images,
+                                                     real_input)
+      new_inputs.append(si_state)
+      si_losses.append(si_loss)
 
   num_blocks = len(modules.blocks)
   if modules.p_update < 1:
@@ -480,14 +536,19 @@ def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
     # Interface j is trained from block j + 1's backward pass.
     new_synthetic = [keep(updated[j + 1], new, old) for j, (new, old)
                      in enumerate(zip(new_synthetic, state.synthetic))]
+    # An input model learns only when the block below produced its target
+    # and its own block is not busy.
+    new_inputs = [keep(updated[j] & updated[j + 1], new, old) for j, (new, old)
+                  in enumerate(zip(new_inputs, state.inputs))]
   else:
     updated = jnp.ones((num_blocks,), jnp.bool_)
   new_state = FeedForwardState(tuple(new_layers), head, tuple(new_synthetic),
-                               state.step + 1)
+                               state.step + 1, tuple(new_inputs))
   metrics = {
       'loss': loss,
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
       'sg_loss': _vector(sg_losses, jnp.float32),
+      'si_loss': _vector(si_losses, jnp.float32),
       'block_updated': updated,
       # Health flags, checked by the training loop. Hidden layers 1..N-1:
       # their outputs; layers 1..N: parameters after the update; interfaces
@@ -593,8 +654,15 @@ def init(modules: Modules, config: FeedForwardConfig,
                      jax.random.fold_in(rng, 1000 + layer), outputs[layer - 1],
                      context)
         for layer in config.interfaces)
+  input_states = ()
+  if config.synthetic_inputs:
+    images = jnp.zeros((1,) + tuple(config.input_shape), jnp.float32)
+    input_states = tuple(
+        _init_module(modules.synthetic_input, modules.tx,
+                     jax.random.fold_in(rng, 2000 + layer), images)
+        for layer in config.interfaces)
   return FeedForwardState(tuple(layer_states), head, synthetic_states,
-                          jnp.zeros((), jnp.int32))
+                          jnp.zeros((), jnp.int32), input_states)
 
 
 class FeedForward(NamedTuple):
@@ -611,6 +679,8 @@ class FeedForward(NamedTuple):
         -> (layer_states, head_state, outputs, grad_x, loss, logits)
     synthetic_update(sg_state, h, context, target) -> (sg_state, sg_loss)
     synthetic_gradient(sg_state, h, context) -> delta_hat
+    synthetic_input(si_state, images) -> h_hat          (complete unlock)
+    synthetic_input_update(si_state, images, target) -> (si_state, si_loss)
     backprop_update(layer, layer_state, x, grad_h)
         -> (layer_state, h, grad_x, grad_h)
     hidden_forward(layer, layer_state, x) -> h
@@ -635,6 +705,8 @@ class FeedForward(NamedTuple):
   top_block_update: Callable
   synthetic_update: Callable
   synthetic_gradient: Callable
+  synthetic_input: Callable
+  synthetic_input_update: Callable
   backprop_update: Callable
   hidden_forward: Callable
   context: Callable
@@ -667,6 +739,8 @@ def make_feedforward(config: FeedForwardConfig, jit: bool = True,
       top_block_update=wrap(bind(top_block_update), **static_layers),
       synthetic_update=wrap(bind(synthetic_update)),
       synthetic_gradient=wrap(bind(synthetic_gradient)),
+      synthetic_input=wrap(bind(synthetic_input)),
+      synthetic_input_update=wrap(bind(synthetic_input_update)),
       backprop_update=wrap(bind(backprop_update), **static_layers),
       hidden_forward=wrap(bind(hidden_forward), static_argnums=(0, 3)),
       context=wrap(bind(context_for)),
@@ -682,5 +756,6 @@ def per_layer_train_step(ff: FeedForward, state: FeedForwardState,
   `ff.train_step` (Bprop is a single block, so there it is one call).
   """
   fns = BlockFunctions(ff.block_update, ff.top_block_update,
-                       ff.synthetic_update, ff.context)
+                       ff.synthetic_update, ff.context, ff.synthetic_input,
+                       ff.synthetic_input_update)
   return schedule(fns, ff.modules, state, images, labels)

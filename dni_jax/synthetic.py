@@ -60,3 +60,18 @@ class SyntheticGradientCNN(nn.Module):
     return nn.Conv(self.out_features, (5, 5), padding='SAME',
                    kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.zeros)(x)
+
+
+class SyntheticInputMLP(nn.Module):
+  """I(x): predicts a layer's input from the data (complete unlock, A.1):
+  one hidden layer (linear -> BatchNorm -> ReLU), then a linear layer."""
+  hidden_size: int
+  out_features: int
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+    x = images.reshape(images.shape[0], -1)
+    x = nn.Dense(self.hidden_size, use_bias=False)(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.relu(x)
+    return nn.Dense(self.out_features)(x)

@@ -393,8 +393,9 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
         row = {'step': step,
                'train_loss': float(loss_sum / jnp.maximum(loss_count, 1.0))}
         row.update(evaluate(eval_batch, state, test_images, test_labels))
-        if np.asarray(fetched.get('sg_loss', [])).size:
-          row['sg_loss'] = [float(v) for v in fetched['sg_loss']]
+        for key in ('sg_loss', 'si_loss'):   # Per interface, last step's.
+          if np.asarray(fetched.get(key, [])).size:
+            row[key] = [float(v) for v in fetched[key]]
         if diagnostics is not None:
           for key, value in jax.device_get(diagnostics(state)).items():
             row[key] = [float(v) for v in np.asarray(value).reshape(-1)]

@@ -46,9 +46,16 @@ flags.DEFINE_float('p_update', 1.0,
                    'Sparse updates (Fig. 5 left): after each forward pass, '
                    'each block (each layer, with DNI everywhere) does its '
                    'backward pass and update with this probability.')
+flags.DEFINE_bool('synthetic_inputs', False,
+                  'Complete unlock (Fig. 5 right, Fig. 6): every layer above '
+                  'the first reads a synthetic input predicted from the data '
+                  '(one-hidden-layer model), so no layer waits for another; '
+                  'with --p_update, a busy layer does neither pass. Test time '
+                  'connects the real layers.')
 flags.DEFINE_integer('sg_hidden_layers', None,
                      'Hidden layers of each synthetic-gradient MLP (0-2); '
-                     'default as in A.1: 2, except 0 for fcn cdni.')
+                     'default as in A.1: 2, except 0 for fcn cdni and 1 with '
+                     '--synthetic_inputs.')
 flags.DEFINE_integer('sg_hidden_size', None,
                      'Units (fcn) or filters (cnn) per synthetic-gradient '
                      'hidden layer; default as in A.1: 1024 units, or as many '
@@ -90,7 +97,7 @@ def main(argv):
         data_source=FLAGS.data_source, model=FLAGS.model,
         num_layers=FLAGS.num_layers, hidden_size=FLAGS.hidden_size,
         method=FLAGS.method, sg_hidden_layers=FLAGS.sg_hidden_layers,
-        p_update=FLAGS.p_update,
+        p_update=FLAGS.p_update, synthetic_inputs=FLAGS.synthetic_inputs,
         dni_layers=(None if FLAGS.dni_layers is None
                     else _int_list('dni_layers', FLAGS.dni_layers)),
         sg_hidden_size=FLAGS.sg_hidden_size,

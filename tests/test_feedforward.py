@@ -259,6 +259,8 @@ def test_learning_rate_schedule_steps_down():
     (dict(method='bprop', dni_layers=(1,)), 'method=bprop has no interfaces'),
     (dict(p_update=0.0), 'p_update'),
     (dict(model='mlp'), 'model'),
+    (dict(method='no_bprop', synthetic_inputs=True), 'synthetic_inputs needs'),
+    (dict(model='cnn', synthetic_inputs=True), 'model=fcn only'),
     (dict(model='cnn', input_shape=(784,)), 'needs images'),
     (dict(p_update=1.5), 'p_update'),
     (dict(method='bprop', p_update=0.5), 'needs interfaces'),
@@ -493,3 +495,60 @@ def test_cnn_cdni_learns():
     state, metrics = ff.train_step(state, images, labels)
     first = float(metrics['loss']) if first is None else first
   assert float(metrics['loss']) < 0.7 * first
+
+
+def unlock_config(method='cdni', **kw):
+  return small_config(method, synthetic_inputs=True, **kw)
+
+
+def test_complete_unlock_layers_train_from_synthetic_inputs_only():
+  """Changing layer 1 changes nothing that layers 2.. and the classifier do:
+  they read I(data), not the output of the layer below (Fig. 6)."""
+  ff = make(unlock_config())
+  state = ff.init(jax.random.key(0))
+  assert len(state.inputs) == 3
+  images, labels = batch()
+  other = state._replace(layers=(state.layers[0]._replace(
+      params=perturb(state.layers[0].params, 9)),) + state.layers[1:])
+  s1, m1 = ff.train_step(state, images, labels)
+  s2, m2 = ff.train_step(other, images, labels)
+  chex.assert_trees_all_close((s1.layers[1:], s1.head, s1.synthetic),
+                              (s2.layers[1:], s2.head, s2.synthetic))
+  # ...except the input model above layer 1, whose target is layer 1's output.
+  assert not np.allclose(jax.tree.leaves(s1.inputs[0].params)[0],
+                         jax.tree.leaves(s2.inputs[0].params)[0])
+  chex.assert_trees_all_close(s1.inputs[1:], s2.inputs[1:])
+  chex.assert_trees_all_close(m1['loss'], m2['loss'])
+
+
+def test_complete_unlock_fused_equals_per_layer_and_sparse_keeps_busy_layers():
+  ff = make(unlock_config(p_update=0.5, seed=1))
+  fused = per_layer = ff.init(jax.random.key(0))
+  for step in range(3):
+    before = fused
+    fused, metrics = ff.train_step(fused, *batch(step))
+    per_layer, _ = dni_jax.per_layer_train_step(ff, per_layer, *batch(step))
+    updated = np.asarray(metrics['block_updated'])
+    for j, (old, new) in enumerate(zip(before.inputs, fused.inputs)):
+      if not (updated[j] and updated[j + 1]):
+        chex.assert_trees_all_close(old, new)
+  chex.assert_trees_all_close(fused, per_layer, rtol=1e-5, atol=1e-6)
+
+
+def test_complete_unlock_input_models_learn_and_the_network_learns():
+  ff = make(unlock_config(learning_rate=1e-2))
+  state = ff.init(jax.random.key(0))
+  k1, k2 = jax.random.split(jax.random.key(7))
+  labels = jax.random.randint(k2, (64,), 0, 10)
+  images = (jax.random.uniform(k1, (64, 4, 4, 1)) * 0.3
+            + jax.nn.one_hot(labels, 16).reshape(64, 4, 4, 1))
+  history = []
+  for _ in range(300):
+    state, metrics = ff.train_step(state, images, labels)
+    history.append(metrics)
+  assert float(history[-1]['loss']) < 0.6 * float(history[0]['loss'])
+  # Test time connects the real layers: far above chance (10%).
+  logits = ff.predict(state, images)
+  assert float(jnp.mean(jnp.argmax(logits, -1) == labels)) > 0.5
+  assert all(float(history[-1]['si_loss'][j]) < float(history[10]['si_loss'][j])
+             for j in range(3))

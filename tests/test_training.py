@@ -76,6 +76,8 @@ def test_script_writes_the_workdir_contract_and_learns(tmp_path, mnist_dir):
     (['--dni_layers=4'], '--dni_layers=4'),
     (['--method=bprop', '--dni_layers=1'], '--method=bprop has no interfaces'),
     (['--p_update=0'], '--p_update=0.0'),
+    (['--method=bprop', '--synthetic_inputs'], '--synthetic_inputs needs'),
+    (['--model=cnn', '--synthetic_inputs'], '--model=fcn only'),
     (['--method=bprop', '--p_update=0.5'], '--p_update < 1 needs interfaces'),
 ])
 def test_script_bad_input_is_one_clear_line(tmp_path, mnist_dir, args, needle):
@@ -111,6 +113,20 @@ def test_script_trains_a_cnn_and_records_resolved_sizes(tmp_path, mnist_dir):
   assert (config['model'], config['hidden_size'], config['sg_hidden_size'],
           config['sg_hidden_layers']) == ('cnn', 4, 4, 2)
   assert len(read_lines(workdir / 'metrics.jsonl')[-1]['sg_cosine']) == 2
+
+
+def test_script_complete_unlock_records_input_model_losses(tmp_path,
+                                                           mnist_dir):
+  workdir = tmp_path / 'run'
+  proc = run_script(f'--workdir={workdir}', f'--data_dir={mnist_dir}',
+                    '--synthetic_inputs', '--p_update=0.5', '--num_layers=3',
+                    '--hidden_size=16', '--sg_hidden_size=16',
+                    '--batch_size=16', '--num_steps=4', '--eval_every=4')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['synthetic_inputs'] and config['sg_hidden_layers'] == 1
+  row = read_lines(workdir / 'metrics.jsonl')[-1]
+  assert 'test_error' in row and len(row['si_loss']) == 2
 
 
 def test_script_requires_workdir(mnist_dir):
