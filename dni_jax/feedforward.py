@@ -280,19 +280,37 @@ def chain_update(models, tx, states, x: Array, gradient_source: GradientSource):
     the same vjps -- the target for the synthetic-gradient model below;
     `grad_h` is what the gradient source gave.
   """
-  vjps, stats, outputs = [], [], []
+  outputs, vjps, stats = chain_vjp(models, states, x)
+  grad_h = gradient_source(outputs[-1])
+  param_grads, input_grads = chain_pull_back(vjps, grad_h)
+  new_states = tuple(apply_gradients(tx, state, grads, batch_stats)
+                     for state, grads, batch_stats
+                     in zip(states, param_grads, stats))
+  return new_states, outputs, input_grads[0], grad_h
+
+
+def chain_vjp(models, states, x: Array):
+  """Training-mode forward of a chain of modules under `jax.vjp`.
+  Returns (outputs, vjp_fns, batch_stats), one of each per module."""
+  outputs, vjps, stats = [], [], []
   for model, state in zip(models, states):
     x, vjp_fn, batch_stats = module_vjp(model, state, x)
+    outputs.append(x)
     vjps.append(vjp_fn)
     stats.append(batch_stats)
-    outputs.append(x)
-  grad_h = gradient_source(x)
+  return tuple(outputs), vjps, stats
+
+
+def chain_pull_back(vjps, grad_h: Array):
+  """Pulls a per-example gradient of the chain's output back through every
+  module. Returns (param_grads, input_grads), one per module, bottom up;
+  input_grads[i] is the per-example gradient of module i's input."""
+  param_grads, input_grads = [None] * len(vjps), [None] * len(vjps)
   grad = grad_h
-  new_states = [None] * len(states)
-  for i in reversed(range(len(states))):
-    param_grads, grad = interface.pull_back(vjps[i], grad)
-    new_states[i] = apply_gradients(tx, states[i], param_grads, stats[i])
-  return tuple(new_states), tuple(outputs), grad, grad_h
+  for i in reversed(range(len(vjps))):
+    param_grads[i], grad = interface.pull_back(vjps[i], grad)
+    input_grads[i] = grad
+  return param_grads, input_grads
 
 
 def layer_update(model, tx, state: ModuleState, x: Array,
@@ -472,8 +490,11 @@ def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
   from the loss; then each synthetic-gradient model regresses to the input
   gradient that the block above it returned (bootstrapped, or true at the
   top). No block's update depends on a later block's, so the order of the
-  calls is free. Returns (new_state, metrics); metrics hold `loss`,
-  `accuracy`, `sg_loss` per interface, and per-module finiteness flags.
+  calls is free. With synthetic inputs (complete unlock) every block above
+  the first reads I_j(data) instead of the output below, and each input model
+  regresses onto that output. Returns (new_state, metrics); metrics hold
+  `loss`, `accuracy`, `sg_loss` and `si_loss` per interface, which blocks
+  updated, and per-module finiteness flags.
   """
   unlocked = modules.synthetic_input is not None
   x = images
@@ -578,23 +599,15 @@ def synthetic_gradient_diagnostics(modules: Modules, state: FeedForwardState,
   network in training mode (what a Bprop step would use). Returns arrays with
   one value per interface: `sg_l2_error`, `sg_cosine`, `sg_sign_error`.
   """
-  x = images
-  models = modules.hidden + (modules.head,)
-  true_grads = {}
-  def loss_gradient(logits):
-    return interface.softmax_cross_entropy_grad(logits, labels)[1]
-  vjps, outputs = [], []  # Nothing is updated: only gradients are read.
-  for model, module_state in zip(models, state.layers + (state.head,)):
-    x, vjp_fn, _ = module_vjp(model, module_state, x)
-    vjps.append(vjp_fn)
-    outputs.append(x)
-  grad = loss_gradient(x)
-  for i in reversed(range(len(vjps))):
-    _, grad = interface.pull_back(vjps[i], grad)
-    true_grads[i] = grad      # Gradient of the input of module i.
+  # Nothing is updated: only the gradients are read.
+  outputs, vjps, _ = chain_vjp(modules.hidden + (modules.head,),
+                               state.layers + (state.head,), images)
+  loss_grad = interface.softmax_cross_entropy_grad(outputs[-1], labels)[1]
+  _, true_grads = chain_pull_back(vjps, loss_grad)
   context = context_for(modules, labels)
   rows = []
   for j, layer in enumerate(modules.interfaces):
+    # Interface after layer k (1-based): h_k is the input of module k.
     h, true = outputs[layer - 1], true_grads[layer]
     if modules.use_synthetic:
       ghat = synthetic_gradient(modules, state.synthetic[j], h, context)
