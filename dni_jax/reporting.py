@@ -80,9 +80,22 @@ def run_label(run: Run) -> str:
   label = run.config['method']
   if run.config.get('dni_layers') is not None:
     label += '@' + ','.join(map(str, run.config['dni_layers']))
+  if run.config.get('synthetic_inputs'):
+    label += ' unlock'
   if run.config.get('p_update', 1.0) < 1:
     label += f' p={run.config["p_update"]:g}'
   return label
+
+
+def runs_table(runs: list[Run]) -> str:
+  """One row per run: its label and final (best) test error."""
+  lines = ['| run | test error % (best) |', '|---|---|']
+  for run in runs:
+    error = ('unfinished' if run.result is None else
+             f'{run.result["test_error"]:.2f} '
+             f'({run.result["best_test_error"]:.2f})')
+    lines.append(f'| {run_label(run)} | {error} |')
+  return '\n'.join(lines)
 
 
 def _sort_key(run: Run):

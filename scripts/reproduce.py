@@ -20,7 +20,8 @@ from dni_jax import experiments
 from dni_jax import reporting
 from dni_jax import training
 
-EXPERIMENTS = ('table1_mnist_fcn', 'fig9a_single_dni', 'fig5_sparse')
+EXPERIMENTS = ('table1_mnist_fcn', 'fig9a_single_dni', 'fig5_sparse',
+               'fig5_unlock')
 flags.DEFINE_enum('experiment', None, list(EXPERIMENTS), 'Which grid to run.')
 flags.DEFINE_string('data_dir', None, 'Folder with the MNIST IDX files.')
 flags.DEFINE_string('out', None, 'Folder for the workdirs and the report.')
@@ -38,6 +39,10 @@ def grid(name: str) -> list[dict]:
   if name == 'fig5_sparse':   # Fig. 5 left: 4-layer FCN, sparse updates.
     return [dict(name=f'fcn4_{m}_p{p}', num_layers=4, method=m, p_update=p)
             for m in ('dni', 'cdni') for p in (1.0, 0.5, 0.2)]
+  if name == 'fig5_unlock':   # Fig. 5 right: complete unlock, 4-layer FCN.
+    return [dict(name=f'fcn4_{m}_unlock_p{p}', num_layers=4, method=m,
+                 synthetic_inputs=True, p_update=p)
+            for m, p in (('dni', 1.0), ('cdni', 1.0), ('cdni', 0.5))]
   # Fig. 9a: a 6-layer FCN with a single DNI (or a single cut with no
   # gradient) after layer k; Bprop for reference.
   runs = [dict(name='fcn6_bprop', num_layers=6, method='bprop')]
@@ -75,6 +80,8 @@ def main(argv):
     report = reporting.feedforward_table(runs, 'mnist_fcn')
   elif FLAGS.experiment == 'fig5_sparse':
     report = reporting.sparse_table(runs)
+  elif FLAGS.experiment == 'fig5_unlock':
+    report = reporting.runs_table(runs)
   else:
     report = reporting.single_dni_table(runs)
     reporting.plot_diagnostics(

@@ -92,3 +92,12 @@ def test_sparse_table(tmp_path):
   assert reporting.sparse_table(runs).splitlines() == [
       '| p_update | dni |', '|---|---|',
       '| 1 | 4.00 (4.00) |', '| 0.5 | 8.00 (8.00) |']
+
+
+def test_runs_table_labels_unlock_and_sparse(tmp_path):
+  w = fake_run(tmp_path, 4, 'cdni', [3.0, 2.0])
+  cfg = json.loads(open(os.path.join(w, 'config.json')).read())
+  cfg.update(synthetic_inputs=True, p_update=0.5)
+  open(os.path.join(w, 'config.json'), 'w').write(json.dumps(cfg))
+  assert reporting.runs_table([reporting.load_run(w)]).splitlines()[2] == (
+      '| cdni unlock p=0.5 | 2.00 (2.00) |')
