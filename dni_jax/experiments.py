@@ -8,9 +8,12 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 
 from dni_jax import data
 from dni_jax import feedforward
+from dni_jax import parallel
+from dni_jax import pipeline as pipeline_lib
 from dni_jax import training
 
 
@@ -28,6 +31,7 @@ class FeedForwardExperiment:
   dni_layers: tuple[int, ...] | None = None  # None: after every layer.
   p_update: float = 1.0
   synthetic_inputs: bool = False
+  stale_decay: float = 0.9
   sg_hidden_layers: int | None = None   # None: the paper's choice (A.1).
   sg_hidden_size: int | None = None     # None: 1024 (FCN), hidden_size (CNN).
   learning_rate: float = 3e-5
@@ -40,6 +44,21 @@ class FeedForwardExperiment:
   checkpoint_every: int = 10_000
   seed: int = 0
   overwrite: bool = False
+  # Stages on different devices (dni_jax.pipeline): '' (off), 'dni' (the
+  # decoupled pipeline; its stages are the blocks between interfaces) or
+  # 'bprop' (GPipe with `pipeline_microbatches` micro-batches). Part of the
+  # run's configuration: the decoupled pipeline trains on stale inputs.
+  pipeline: str = ''
+  pipeline_stages: int | None = None    # None (dni): one stage per block.
+  pipeline_microbatches: int = 4
+  # Execution, not part of the run's configuration (results agree within
+  # float tolerance): data-parallel devices per process (None: all local
+  # ones, the default of train_ff.py's --num_devices) and the
+  # jax.distributed settings of a multi-process run.
+  num_devices: int | None = 1
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
 
   def __post_init__(self):
     def bad(flag, msg):
@@ -53,7 +72,7 @@ class FeedForwardExperiment:
     if self.method not in feedforward.METHODS:
       bad('method', f'must be one of {", ".join(feedforward.METHODS)}')
     for flag in ('num_steps', 'eval_every', 'log_every', 'checkpoint_every',
-                 'batch_size', 'hidden_size', 'sg_hidden_size'):
+                 'batch_size', 'hidden_size', 'sg_hidden_size', 'num_devices'):
       value = getattr(self, flag)
       if value is not None and value < 1:
         bad(flag, 'must be a positive integer')
@@ -75,6 +94,8 @@ class FeedForwardExperiment:
     if self.p_update < 1 and self.method == 'bprop':
       raise ValueError('--p_update < 1 needs interfaces to decouple the '
                        'layers; use --method=dni, cdni or no_bprop')
+    if not 0 <= self.stale_decay < 1:
+      bad('stale_decay', 'must be in [0, 1)')
     if self.synthetic_inputs and self.method not in ('dni', 'cdni'):
       raise ValueError(f'--synthetic_inputs needs --method=dni or cdni (got '
                        f'--method={self.method})')
@@ -93,6 +114,71 @@ class FeedForwardExperiment:
             '(k puts a DNI between layers k and k+1)')
     if not self.workdir:
       bad('workdir', 'is required')
+    parallel.validate_distributed(self.coordinator_address,
+                                  self.num_processes, self.process_id)
+    self._validate_pipeline()
+
+  def _validate_pipeline(self):
+    if self.pipeline not in ('', 'dni', 'bprop'):
+      raise ValueError(f'--pipeline={self.pipeline}: must be dni or bprop')
+    if not self.pipeline:
+      if self.pipeline_stages is not None:
+        raise ValueError('--pipeline_stages needs --pipeline=dni or bprop')
+      return
+    if (self.num_devices not in (None, 1)
+        or self.coordinator_address is not None):
+      raise ValueError(f'--pipeline={self.pipeline} places one stage per '
+                       'device of this process; it does not combine with '
+                       '--num_devices or --coordinator_address')
+    stages = self.pipeline_stages
+    if stages is not None and not 2 <= stages <= self.num_layers:
+      raise ValueError(f'--pipeline_stages={stages}: must be in '
+                       f'2..--num_layers={self.num_layers}')
+    if self.pipeline == 'dni':
+      if self.method not in feedforward.DECOUPLED_METHODS:
+        raise ValueError(f'--pipeline=dni needs --method=dni or cdni (got '
+                         f'--method={self.method})')
+      if self.synthetic_inputs or self.p_update < 1:
+        raise ValueError('--pipeline=dni does not implement '
+                         '--synthetic_inputs or --p_update < 1')
+      if (stages is not None and self.dni_layers is not None
+          and stages != len(self.dni_layers) + 1):
+        raise ValueError(f'--pipeline_stages={stages}: --dni_layers puts '
+                         f'{len(self.dni_layers) + 1} stages; give one or '
+                         'the other')
+      if self.dni_layers == ():
+        raise ValueError('--pipeline=dni needs at least one interface '
+                         '(--dni_layers is empty)')
+    else:
+      if self.method != 'bprop':
+        raise ValueError(f'--pipeline=bprop needs --method=bprop (got '
+                         f'--method={self.method})')
+      if stages is None:
+        raise ValueError('--pipeline=bprop needs --pipeline_stages')
+      if (self.pipeline_microbatches < 1
+          or self.batch_size % self.pipeline_microbatches):
+        raise ValueError(f'--pipeline_microbatches='
+                         f'{self.pipeline_microbatches}: must divide '
+                         f'--batch_size={self.batch_size}')
+
+  @property
+  def resolved_dni_layers(self) -> tuple[int, ...] | None:
+    """--dni_layers, or for --pipeline=dni with --pipeline_stages the stage
+    boundaries (hidden layers split as evenly as possible)."""
+    if (self.pipeline == 'dni' and self.dni_layers is None
+        and self.pipeline_stages is not None):
+      return self.pipeline_boundaries
+    return self.dni_layers
+
+  @property
+  def pipeline_boundaries(self) -> tuple[int, ...]:
+    """Layers (1-based) after which a pipeline stage ends."""
+    if self.pipeline == 'dni' and self.pipeline_stages is None:
+      return (tuple(range(1, self.num_layers)) if self.dni_layers is None
+              else tuple(self.dni_layers))
+    equal_costs = [1.0] * (self.num_layers - 1) + [0.0]
+    return pipeline_lib.balanced_interfaces(
+        self.num_layers, self.pipeline_stages, equal_costs)
 
   @property
   def resolved_sg_hidden_layers(self) -> int:
@@ -125,16 +211,41 @@ class FeedForwardExperiment:
     record['hidden_size'] = self.resolved_hidden_size
     record['sg_hidden_size'] = self.resolved_sg_hidden_size
     record['lr_boundaries'] = list(self.lr_boundaries)
-    if self.dni_layers is not None:
-      record['dni_layers'] = list(self.dni_layers)
+    if self.resolved_dni_layers is not None:
+      record['dni_layers'] = list(self.resolved_dni_layers)
+    if self.pipeline:
+      record['pipeline_stages'] = len(self.pipeline_boundaries) + 1
     del record['overwrite']  # How to treat the workdir, not part of the run.
+    # Where the run executes (result.json records it): a run may resume on
+    # another number of devices or processes.
+    for key in ('num_devices', 'coordinator_address', 'num_processes',
+                'process_id'):
+      del record[key]
     return record
 
 
 def train_feedforward(exp: FeedForwardExperiment) -> dict:
-  """Runs (or resumes) one feed-forward experiment; returns result.json's dict."""
-  status = training.prepare_workdir(exp.workdir, exp.config_record(),
-                                    exp.overwrite)
+  """Runs (or resumes) one feed-forward experiment; returns result.json's dict.
+
+  Data parallel over `exp.num_devices` devices of every process; with
+  several processes, process 0 prepares the workdir and the others follow.
+  """
+  parallel.initialize_distributed(exp.coordinator_address, exp.num_processes,
+                                  exp.process_id)
+  mesh = None if exp.pipeline else parallel.make_data_mesh(exp.num_devices)
+  if mesh is not None:
+    parallel.check_batch_size(mesh, exp.batch_size)
+  if jax.process_count() == 1:
+    status = training.prepare_workdir(exp.workdir, exp.config_record(),
+                                      exp.overwrite)
+  else:
+    if jax.process_index() == 0:
+      status = training.prepare_workdir(exp.workdir, exp.config_record(),
+                                        exp.overwrite)
+    multihost_utils.sync_global_devices('dni_jax prepare_workdir')
+    if jax.process_index() != 0:  # Reads what process 0 wrote.
+      status = training.prepare_workdir(exp.workdir, exp.config_record(),
+                                        overwrite=False)
   if status == 'finished':
     logging.info('%s already holds a finished run; nothing to do',
                  exp.workdir)
@@ -156,15 +267,26 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
       learning_rate=exp.learning_rate,
       lr_boundaries=tuple(exp.lr_boundaries),
       lr_decay=exp.lr_decay,
-      dni_layers=exp.dni_layers,
+      dni_layers=exp.resolved_dni_layers,
       p_update=exp.p_update,
       synthetic_inputs=exp.synthetic_inputs,
+      stale_decay=exp.stale_decay,
+      batch_size=exp.batch_size,
       seed=exp.seed)
-  ff = feedforward.make_feedforward(config)
+  if exp.pipeline:
+    return _train_pipeline(exp, config, train, test)
+  if mesh.size == 1:
+    ff, fit_mesh = feedforward.make_feedforward(config), None
+  else:
+    ff, fit_mesh = parallel.make_data_parallel(config, mesh), mesh
+    logging.info('data parallel over %d devices in %d processes', mesh.size,
+                 jax.process_count())
   diagnostics = None
   if config.interfaces:
     # Fig. 10, on a fixed batch of test examples at every evaluation.
     probe = (test.images[:exp.batch_size], test.labels[:exp.batch_size])
+    if fit_mesh is not None:
+      probe = parallel.place_batch(fit_mesh, *probe)
     diagnostics = lambda state: ff.diagnostics(state, *probe)
   loop = training.LoopConfig(
       num_steps=exp.num_steps, eval_every=exp.eval_every,
@@ -177,6 +299,60 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
       train_data=(train.images, train.labels),
       test_data=(test.images, test.labels),
       diagnostics=diagnostics,
+      mesh=fit_mesh,
       extra_result={'method': exp.method, 'num_layers': exp.num_layers,
                     'dataset': exp.dataset,
-                    'device': jax.devices()[0].device_kind})
+                    'device': jax.devices()[0].device_kind,
+                    'num_devices': mesh.size,
+                    'num_processes': jax.process_count()})
+
+
+def _train_pipeline(exp: FeedForwardExperiment,
+                    config: feedforward.FeedForwardConfig, train, test) -> dict:
+  """`training.fit` with a pipeline's step: the decoupled DNI pipeline (one
+  tick per batch) or the backprop pipeline, one stage per local device."""
+  boundaries = exp.pipeline_boundaries
+  mesh = pipeline_lib.stage_mesh(len(boundaries) + 1)
+  if exp.pipeline == 'dni':
+    pipe = pipeline_lib.make_pipeline(config, mesh, exp.batch_size)
+    step = pipe.tick
+  else:
+    pipe = pipeline_lib.make_backprop_pipeline(
+        config, mesh, exp.batch_size, boundaries, exp.pipeline_microbatches)
+    step = pipe.train_step
+  stage_sharding = jax.sharding.NamedSharding(mesh, jax.P(
+      pipeline_lib.STAGE_AXIS))
+  # A state restored from a checkpoint comes back on one device: place it on
+  # the stages (a no-op for a state already there).
+  place = lambda state: jax.device_put(state, stage_sharding)
+  # The loop adds the losses to sums it keeps (and restores) on one device.
+  first = mesh.devices.flat[0]
+
+  def train_step(state, images, labels):
+    state, metrics = step(place(state), images, labels)
+    return state, jax.device_put(metrics, first)
+  logging.info('%s pipeline: %d stages ending after layers %s on %s',
+               exp.pipeline, mesh.size, boundaries, mesh.devices.tolist())
+  diagnostics = None
+  if config.interfaces:
+    probe = (test.images[:exp.batch_size], test.labels[:exp.batch_size])
+    ff = feedforward.make_feedforward(config)
+    diagnostics = lambda state: ff.diagnostics(pipe.to_feedforward(place(
+        state)), *probe)
+  loop = training.LoopConfig(
+      num_steps=exp.num_steps, eval_every=exp.eval_every,
+      log_every=exp.log_every, checkpoint_every=exp.checkpoint_every,
+      batch_size=exp.batch_size, seed=exp.seed)
+  return training.fit(
+      workdir=exp.workdir, loop=loop,
+      init_state=pipe.init(jax.random.key(exp.seed)),
+      train_step=train_step,
+      eval_batch=lambda state, x, y: pipe.eval_batch(place(state), x, y),
+      train_data=(train.images, train.labels),
+      test_data=(test.images, test.labels),
+      diagnostics=diagnostics,
+      extra_result={'method': exp.method, 'num_layers': exp.num_layers,
+                    'dataset': exp.dataset,
+                    'device': jax.devices()[0].device_kind,
+                    'pipeline': exp.pipeline, 'pipeline_stages': mesh.size,
+                    'pipeline_boundaries': list(boundaries)})

@@ -43,9 +43,12 @@ from dni_jax import layers
 from dni_jax import synthetic
 
 Array = jax.Array
-METHODS = ('bprop', 'no_bprop', 'dni', 'cdni')
+METHODS = ('bprop', 'no_bprop', 'dni', 'cdni', 'stale')
 MODELS = ('fcn', 'cnn')
 DECOUPLED_METHODS = ('dni', 'cdni')
+# Methods with a learned gradient source on each interface: synthetic-gradient
+# models, or the stale-gradient memory of Sec. 3.1.
+GRADIENT_MODEL_METHODS = DECOUPLED_METHODS + ('stale',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,14 @@ class FeedForwardConfig:
   # reads a synthetic input I(data) instead of the output of the block below,
   # so no block waits for another's forward pass either.
   synthetic_inputs: bool = False
+  # method='stale' (Sec. 3.1): the decay of the moving average of past
+  # gradients, and the training batch size (it keeps one per batch slot).
+  stale_decay: float = 0.9
+  batch_size: int | None = None
+  # Data parallelism inside `jax.pmap` / `jax.shard_map` (dni_jax.parallel):
+  # the mapped batch axis over which BatchNorm statistics and every module's
+  # gradients are averaged. None: one device, or jit with shardings.
+  axis_name: str | None = None
 
   def __post_init__(self):
     def bad(msg):
@@ -112,6 +123,12 @@ class FeedForwardConfig:
           'cdni or no_bprop')
     if self.synthetic_inputs and self.method not in DECOUPLED_METHODS:
       bad(f'synthetic_inputs needs method dni or cdni, not {self.method}')
+    if not 0 <= self.stale_decay < 1:
+      bad(f'stale_decay={self.stale_decay} must be in [0, 1)')
+    if self.method == 'stale' and (self.batch_size is None
+                                   or self.batch_size < 1):
+      bad('method=stale keeps a gradient per batch slot and needs the '
+          f'training batch_size (got {self.batch_size})')
     if self.synthetic_inputs and self.model != 'fcn':
       bad('synthetic_inputs is implemented for model=fcn only')
     if self.dni_layers is not None:
@@ -145,7 +162,7 @@ class FeedForwardConfig:
 
   @property
   def uses_synthetic_gradients(self) -> bool:
-    return self.method in DECOUPLED_METHODS
+    return self.method in GRADIENT_MODEL_METHODS
 
 
 class ModuleState(NamedTuple):
@@ -161,7 +178,8 @@ class FeedForwardState(NamedTuple):
   head: ModuleState                   # Layer N, the classifier.
   synthetic: tuple[ModuleState, ...]  # One per interface, bottom up:
                                       # synthetic[j] predicts the gradient of
-                                      # the output of layer interfaces[j].
+                                      # the output of layer interfaces[j]
+                                      # (StaleGradientState for 'stale').
   step: Array                         # int32 scalar, training steps taken.
   inputs: tuple[ModuleState, ...] = ()  # Complete unlock: one synthetic-input
                                         # model per interface; inputs[j] feeds
@@ -178,7 +196,7 @@ class Modules(NamedTuple):
   num_classes: int
   blocks: tuple[tuple[int, ...], ...]   # FeedForwardConfig.blocks
   interfaces: tuple[int, ...]           # FeedForwardConfig.interfaces
-  use_synthetic: bool                   # dni/cdni; False: zero gradients.
+  use_synthetic: bool                   # dni/cdni/stale; False: zero gradients.
   p_update: float                       # FeedForwardConfig.p_update
   synthetic_input: Any                  # Input model definition, or None.
   seed: int                             # Seed of the sparse-update masks.
@@ -190,23 +208,42 @@ def learning_rate_schedule(config: FeedForwardConfig) -> optax.Schedule:
       config.learning_rate, {b: config.lr_decay for b in config.lr_boundaries})
 
 
+def mean_gradients_over(tx: optax.GradientTransformation,
+                        axis_name: str | None) -> optax.GradientTransformation:
+  """`tx` applied to the gradients averaged over the mapped axis `axis_name`
+  (data parallelism under pmap / shard_map; the state is `tx`'s own). None:
+  `tx` itself."""
+  if axis_name is None:
+    return tx
+  def update(grads, state, params=None):
+    return tx.update(jax.lax.pmean(grads, axis_name), state, params)
+  return optax.GradientTransformation(tx.init, update)
+
+
 def build_modules(config: FeedForwardConfig) -> Modules:
   num_hidden = config.num_layers - 1
   if config.model == 'fcn':
-    hidden = (layers.HiddenDense(config.hidden_size),) * num_hidden
+    hidden = (layers.HiddenDense(config.hidden_size,
+                                 config.axis_name),) * num_hidden
     sg_model = synthetic.SyntheticGradientMLP(
-        config.sg_hidden_layers, config.sg_hidden_size, config.hidden_size)
+        config.sg_hidden_layers, config.sg_hidden_size, config.hidden_size,
+        config.axis_name)
   else:
     hidden = tuple(layers.HiddenConv(config.hidden_size,
-                                     'max' if i == 0 else 'avg')
+                                     'max' if i == 0 else 'avg',
+                                     config.axis_name)
                    for i in range(num_hidden))
     sg_model = synthetic.SyntheticGradientCNN(
-        config.sg_hidden_layers, config.sg_hidden_size, config.hidden_size)
+        config.sg_hidden_layers, config.sg_hidden_size, config.hidden_size,
+        config.axis_name)
+  if config.method == 'stale':
+    sg_model = synthetic.StaleGradient(config.stale_decay, config.batch_size)
   return Modules(
       hidden=hidden,
       head=layers.Classifier(config.num_classes),
       synthetic=sg_model,
-      tx=optax.adam(learning_rate_schedule(config)),
+      tx=mean_gradients_over(optax.adam(learning_rate_schedule(config)),
+                             config.axis_name),
       conditioned=config.method == 'cdni',
       num_classes=config.num_classes,
       blocks=config.blocks,
@@ -214,7 +251,8 @@ def build_modules(config: FeedForwardConfig) -> Modules:
       use_synthetic=config.uses_synthetic_gradients,
       p_update=config.p_update,
       synthetic_input=(synthetic.SyntheticInputMLP(config.sg_hidden_size,
-                                                   config.hidden_size)
+                                                   config.hidden_size,
+                                                   config.axis_name)
                        if config.synthetic_inputs else None),
       seed=config.seed)
 
@@ -324,7 +362,10 @@ def layer_update(model, tx, state: ModuleState, x: Array,
 def synthetic_gradient(modules: Modules, sg_state: ModuleState, h: Array,
                        context: Array | None) -> Array:
   """delta_hat = M(h, c) in training mode (its batch statistics are not kept:
-  `synthetic_update` recomputes the same forward and keeps them)."""
+  `synthetic_update` recomputes the same forward and keeps them), or the
+  stale baseline's remembered gradient."""
+  if isinstance(modules.synthetic, synthetic.StaleGradient):
+    return modules.synthetic.gradient(sg_state, h)
   out, _ = _apply(modules.synthetic, sg_state.params, sg_state.batch_stats, h,
                   context, train=True)
   return out
@@ -335,8 +376,13 @@ def synthetic_update(modules: Modules, sg_state: ModuleState, h: Array,
   """Regresses M(h, c) to its target with the L2 loss, weight 1 (A.1).
 
   Returns (new_sg_state, sg_loss). The target is a constant; nothing flows
-  into h.
+  into h. The stale baseline instead folds the target into its moving
+  average; its sg_loss is the same L2 error, of the gradient it gave.
   """
+  if isinstance(modules.synthetic, synthetic.StaleGradient):
+    loss = interface.synthetic_gradient_loss(
+        modules.synthetic.gradient(sg_state, h), target)
+    return modules.synthetic.update(sg_state, target), loss
   def loss_fn(params):
     pred, batch_stats = _apply(modules.synthetic, params, sg_state.batch_stats,
                                h, context, train=True)
@@ -660,7 +706,10 @@ def init(modules: Modules, config: FeedForwardConfig,
   head = _init_module(modules.head, modules.tx,
                       jax.random.fold_in(rng, config.num_layers - 1), x)
   synthetic_states = ()
-  if config.uses_synthetic_gradients:
+  if config.method == 'stale':
+    synthetic_states = tuple(modules.synthetic.init(outputs[layer - 1].shape[1:])
+                             for layer in config.interfaces)
+  elif config.uses_synthetic_gradients:
     context = context_for(modules, jnp.zeros((1,), jnp.int32))
     synthetic_states = tuple(
         _init_module(modules.synthetic, modules.tx,

@@ -7,6 +7,7 @@ import jax
 class HiddenDense(nn.Module):
   """One FCN "layer" of the paper: linear -> batch-normalisation -> ReLU."""
   features: int
+  axis_name: str | None = None  # BatchNorm statistics over this mapped axis.
 
   @nn.compact
   def __call__(self, x_BxD: jax.Array, train: bool) -> jax.Array:
@@ -14,7 +15,8 @@ class HiddenDense(nn.Module):
     # No bias: BatchNorm's offset replaces it (a bias before BN gets a zero
     # gradient, and Adam would turn its rounding noise into full-size steps).
     h = nn.Dense(self.features, use_bias=False)(x_BxD)
-    h = nn.BatchNorm(use_running_average=not train)(h)
+    h = nn.BatchNorm(use_running_average=not train,
+                     axis_name=self.axis_name)(h)
     return nn.relu(h)
 
 
@@ -35,11 +37,13 @@ class HiddenConv(nn.Module):
   28 -> 14 -> 7 -> 4 and CIFAR-10 32 -> 16 -> 8 -> 4."""
   features: int
   pool: str  # 'max' or 'avg'.
+  axis_name: str | None = None  # BatchNorm statistics over this mapped axis.
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, train: bool) -> jax.Array:
     h = nn.Conv(self.features, (5, 5), padding='SAME', use_bias=False)(x_BxHxWxC)
-    h = nn.BatchNorm(use_running_average=not train)(h)
+    h = nn.BatchNorm(use_running_average=not train,
+                     axis_name=self.axis_name)(h)
     h = nn.relu(h)
     pool = nn.max_pool if self.pool == 'max' else nn.avg_pool
     return pool(h, (3, 3), strides=(2, 2), padding='SAME')

@@ -20,7 +20,9 @@ PAPER_TABLE1 = {
         6: {'no_bprop': 61.9, 'bprop': 42.0, 'dni': 49.7, 'cdni': 46.8},
     },
 }
-METHOD_ORDER = ('no_bprop', 'bprop', 'dni', 'cdni')
+# Sec. 3.1: the historical-gradient baseline, best over decays, MNIST FCN.
+PAPER_STALE_MNIST_FCN = {3: 9.1, 4: 11.8, 5: 15.4, 6: 19.0}
+METHOD_ORDER = ('no_bprop', 'bprop', 'dni', 'cdni', 'stale')
 
 
 class Run(NamedTuple):
@@ -84,7 +86,35 @@ def run_label(run: Run) -> str:
     label += ' unlock'
   if run.config.get('p_update', 1.0) < 1:
     label += f' p={run.config["p_update"]:g}'
+  if run.config['method'] == 'stale':
+    label += f' decay={run.config["stale_decay"]:g}'
   return label
+
+
+def _error_text(run: Run) -> str:
+  if run.result is None:
+    return 'unfinished'
+  return (f'{run.result["test_error"]:.2f} '
+          f'({run.result["best_test_error"]:.2f})')
+
+
+def stale_table(runs: list[Run]) -> str:
+  """Sec. 3.1's historical-gradient baseline: final (best) test error per
+  depth and decay, the paper's best-over-decays value beside it."""
+  cells: dict[int, dict[float, str]] = {}
+  for run in runs:
+    cells.setdefault(run.config['num_layers'], {})[
+        run.config['stale_decay']] = _error_text(run)
+  decays = sorted({d for c in cells.values() for d in c})
+  lines = ['| Layers | ' + ' | '.join(f'stale decay={d:g} ours'
+                                       for d in decays)
+           + ' | stale paper (best decay) |',
+           '|' + '---|' * (len(decays) + 2)]
+  for layers in sorted(cells):
+    lines.append(f'| {layers} | ' + ' | '.join(
+        cells[layers].get(d, '') for d in decays)
+                 + f' | {PAPER_STALE_MNIST_FCN.get(layers, "")} |')
+  return '\n'.join(lines)
 
 
 def runs_table(runs: list[Run]) -> str:

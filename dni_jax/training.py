@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dni_jax import parallel
+
 Array = jax.Array
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
@@ -122,12 +124,15 @@ def prepare_workdir(workdir: str, config: dict, overwrite: bool) -> str:
 class MetricsLog:
   """Appends one JSON line per evaluation, flushed, so nothing is lost."""
 
-  def __init__(self, workdir: str, keep_up_to_step: int):
+  def __init__(self, workdir: str, keep_up_to_step: int, write: bool = True):
     self.path = os.path.join(workdir, METRICS_FILE)
+    self.write = write  # False: keep the rows, leave the file to process 0.
     # On resume, lines written after the checkpoint are dropped: they will be
     # written again, identically, so none is lost or duplicated.
     self.rows = [r for r in read_metrics(workdir)
                  if r['step'] <= keep_up_to_step]
+    if not write:
+      return
     tmp = f'{self.path}.tmp'
     with open(tmp, 'w') as f:
       for row in self.rows:
@@ -136,6 +141,8 @@ class MetricsLog:
 
   def append(self, row: dict) -> None:
     self.rows.append(row)
+    if not self.write:
+      return
     with open(self.path, 'a') as f:
       f.write(json.dumps(row, sort_keys=True) + '\n')
       f.flush()
@@ -220,12 +227,15 @@ def _gather(images, labels, idx):
 
 
 def evaluate(eval_batch: Callable, state: Any, images: Array, labels: Array,
-             batch_size: int = 1000) -> dict[str, float]:
-  """Test loss and error (%) over the whole set, in fixed-size batches."""
+             batch_size: int = 1000,
+             place: Callable | None = None) -> dict[str, float]:
+  """Test loss and error (%) over the whole set, in fixed-size batches
+  (each passed through `place(images, labels)` first, if given)."""
   totals = None
   for start in range(0, images.shape[0], batch_size):
-    sums = eval_batch(state, images[start:start + batch_size],
-                      labels[start:start + batch_size])
+    batch = (images[start:start + batch_size],
+             labels[start:start + batch_size])
+    sums = eval_batch(state, *(place(*batch) if place else batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
@@ -312,7 +322,8 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
         train_data: tuple[np.ndarray, np.ndarray],
         test_data: tuple[np.ndarray, np.ndarray],
         diagnostics: Callable | None = None,
-        extra_result: dict | None = None) -> dict:
+        extra_result: dict | None = None,
+        mesh: jax.sharding.Mesh | None = None) -> dict:
   """Trains from the latest checkpoint in `workdir` (or `init_state`) to
   `loop.num_steps`, evaluating, logging and checkpointing; returns the result.
 
@@ -320,27 +331,53 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
   `metrics['loss']`; `eval_batch(state, images, labels)` returns sums with
   `loss_sum`, `num_correct` and `count`. `diagnostics(state)`, if given,
   returns arrays that are written into every metrics line as lists.
+
+  Data parallel (`mesh`, see `dni_jax.parallel`): `init_state` is replicated
+  over the mesh and every global batch is gathered on the host and split
+  over it. With several processes every process runs `fit` with the same
+  arguments and takes part in the checkpoints; only process 0 writes
+  metrics.jsonl and result.json.
   """
-  train_images = jnp.asarray(train_data[0])
-  train_labels = jnp.asarray(train_data[1])
-  test_images = jnp.asarray(test_data[0])
-  test_labels = jnp.asarray(test_data[1])
+  if mesh is None:
+    train_images = jnp.asarray(train_data[0])
+    train_labels = jnp.asarray(train_data[1])
+    test_images = jnp.asarray(test_data[0])
+    test_labels = jnp.asarray(test_data[1])
+    next_batch = lambda idx: _gather(train_images, train_labels, idx)
+    place_eval = None
+    zero = jnp.zeros((), jnp.float32)
+  else:
+    train_images, train_labels = map(np.asarray, train_data)
+    test_images, test_labels = map(np.asarray, test_data)
+    next_batch = lambda idx: parallel.shard_batch(
+        mesh, train_images[idx], train_labels[idx])
+    place_eval = lambda x, y: parallel.place_batch(mesh, x, y)
+    zero = parallel.replicate(mesh, np.zeros((), np.float32))
+  # Several CPU devices of one process: one step in flight at a time (see
+  # parallel.one_call_at_a_time: pipelined sharded steps can deadlock there).
+  wait_each_step = (mesh is not None and jax.local_device_count() > 1
+                    and mesh.devices.flat[0].platform == 'cpu')
+  primary = jax.process_index() == 0
   sampler = EpochSampler(train_images.shape[0], loop.batch_size, loop.seed)
 
-  zero = jnp.zeros((), jnp.float32)
   payload = {'state': init_state, 'train_loss_sum': zero,
              'train_loss_count': zero}
   quiet_orbax_logging()
   checkpointer = Checkpointer(workdir)
-  start_step, restored = checkpointer.restore_latest(
-      jax.eval_shape(lambda: payload))
+  if mesh is None:
+    abstract = jax.eval_shape(lambda: payload)
+  else:  # Restore onto the mesh, each process its own shards.
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        payload)
+  start_step, restored = checkpointer.restore_latest(abstract)
   if restored is not None:
     payload = restored
     logging.info('resumed from %s/%d', checkpointer.directory, start_step)
   state = payload['state']
   loss_sum, loss_count = payload['train_loss_sum'], payload['train_loss_count']
   health = None
-  metrics_log = MetricsLog(workdir, start_step)
+  metrics_log = MetricsLog(workdir, start_step, write=primary)
 
   stop = {'signal': None}
   def on_signal(signum, frame):
@@ -362,8 +399,10 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
   try:
     while step < loop.num_steps:
       idx = sampler.indices(step)
-      images, labels = _gather(train_images, train_labels, idx)
+      images, labels = next_batch(idx)
       state, metrics = train_step(state, images, labels)
+      if wait_each_step:
+        jax.block_until_ready(state)
       loss_sum = loss_sum + metrics['loss']
       loss_count = loss_count + 1.0
       step += 1
@@ -392,7 +431,8 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
       if is_eval:
         row = {'step': step,
                'train_loss': float(loss_sum / jnp.maximum(loss_count, 1.0))}
-        row.update(evaluate(eval_batch, state, test_images, test_labels))
+        row.update(evaluate(eval_batch, state, test_images, test_labels,
+                            place=place_eval))
         for key in ('sg_loss', 'si_loss'):   # Per interface, last step's.
           if np.asarray(fetched.get(key, [])).size:
             row[key] = [float(v) for v in fetched[key]]
@@ -432,7 +472,8 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
       'steps_per_sec': (timed_steps / train_time) if train_time > 0 else None,
   }
   result.update(extra_result or {})
-  write_json_atomic(os.path.join(workdir, RESULT_FILE), result)
+  if primary:
+    write_json_atomic(os.path.join(workdir, RESULT_FILE), result)
   return result
 
 

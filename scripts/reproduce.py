@@ -20,13 +20,20 @@ from dni_jax import experiments
 from dni_jax import reporting
 from dni_jax import training
 
-EXPERIMENTS = ('table1_mnist_fcn', 'fig9a_single_dni', 'fig5_sparse',
+EXPERIMENTS = ('table1_mnist_fcn', 'table1_mnist_cnn', 'table1_cifar10_fcn',
+               'stale_baseline', 'fig9a_single_dni', 'fig5_sparse',
                'fig5_unlock')
+TABLE1_METHODS = ('no_bprop', 'bprop', 'dni', 'cdni')
 flags.DEFINE_enum('experiment', None, list(EXPERIMENTS), 'Which grid to run.')
-flags.DEFINE_string('data_dir', None, 'Folder with the MNIST IDX files.')
+flags.DEFINE_string('data_dir', None,
+                    'Folder with the MNIST IDX files, or (table1_cifar_*) '
+                    'the one holding cifar-10-batches-bin/.')
 flags.DEFINE_string('out', None, 'Folder for the workdirs and the report.')
 flags.DEFINE_integer('num_steps', 3000, 'Steps per run.')
 flags.DEFINE_float('learning_rate', 3e-4, 'Initial Adam learning rate.')
+flags.DEFINE_integer('batch_size', 256, 'Batch size of every run.')
+flags.DEFINE_list('num_layers', [],
+                  'Only the runs of these depths (default: all of the grid).')
 flags.DEFINE_integer('seed', 0, 'Seed of every run.')
 FLAGS = flags.FLAGS
 
@@ -35,7 +42,20 @@ def grid(name: str) -> list[dict]:
   """(workdir name, settings) of every run of an experiment."""
   if name == 'table1_mnist_fcn':   # Table 1, MNIST FCN rows.
     return [dict(name=f'fcn{n}_{m}', num_layers=n, method=m)
-            for n in (3, 4, 5, 6) for m in reporting.METHOD_ORDER]
+            for n in (3, 4, 5, 6) for m in TABLE1_METHODS]
+  if name == 'table1_mnist_cnn':   # Table 1, MNIST CNN rows (64 filters).
+    return [dict(name=f'cnn{n}_{m}', model='cnn', num_layers=n, method=m)
+            for n in (3, 4) for m in TABLE1_METHODS]
+  if name == 'table1_cifar10_fcn':   # Table 1, CIFAR-10 FCN rows (A.1 sizes).
+    return [dict(name=f'fcn{n}_{m}', dataset='cifar10', num_layers=n,
+                 method=m, hidden_size=1000,
+                 **({'sg_hidden_layers': 1, 'sg_hidden_size': 4000}
+                    if m in ('dni', 'cdni') else {}))
+            for n in (3, 4) for m in TABLE1_METHODS]
+  if name == 'stale_baseline':   # Sec. 3.1: historical gradients.
+    return [dict(name=f'fcn{n}_stale_decay{d:g}', num_layers=n,
+                 method='stale', stale_decay=d)
+            for n in (3, 4, 5, 6) for d in (0.0, 0.9, 0.99, 0.999)]
   if name == 'fig5_sparse':   # Fig. 5 left: 4-layer FCN, sparse updates.
     return [dict(name=f'fcn4_{m}_p{p}', num_layers=4, method=m, p_update=p)
             for m in ('dni', 'cdni') for p in (1.0, 0.5, 0.2)]
@@ -61,13 +81,26 @@ def main(argv):
     if FLAGS.num_steps < 10:
       raise ValueError(f'--num_steps={FLAGS.num_steps}: must be >= 10')
     steps = FLAGS.num_steps
+    runs = grid(FLAGS.experiment)
+    if FLAGS.num_layers:
+      try:
+        depths = {int(n) for n in FLAGS.num_layers}
+      except ValueError:
+        raise ValueError(f'--num_layers={",".join(FLAGS.num_layers)}: must be '
+                         'a comma-separated list of integers') from None
+      runs = [r for r in runs if r['num_layers'] in depths]
+      if not runs:
+        raise ValueError(f'--num_layers={",".join(FLAGS.num_layers)}: no run '
+                         f'of --experiment={FLAGS.experiment} has that depth')
     workdirs = []
-    for run in grid(FLAGS.experiment):
+    for run in runs:
       workdir = os.path.join(FLAGS.out, run.pop('name'))
       workdirs.append(workdir)
       logging.info('=== %s', workdir)
+      run.setdefault('dataset', 'mnist')
       experiments.train_feedforward(experiments.FeedForwardExperiment(
-          workdir=workdir, dataset='mnist', data_dir=FLAGS.data_dir,
+          workdir=workdir, data_dir=FLAGS.data_dir,
+          batch_size=FLAGS.batch_size,
           learning_rate=FLAGS.learning_rate,
           lr_boundaries=(steps * 6 // 10, steps * 8 // 10),
           num_steps=steps, eval_every=steps // 10, log_every=steps // 10,
@@ -76,8 +109,10 @@ def main(argv):
     print(f'reproduce.py: error: {e}', file=sys.stderr)
     sys.exit(1)
   runs = [reporting.load_run(w) for w in workdirs]
-  if FLAGS.experiment == 'table1_mnist_fcn':
-    report = reporting.feedforward_table(runs, 'mnist_fcn')
+  if FLAGS.experiment.startswith('table1_'):
+    report = reporting.feedforward_table(runs, FLAGS.experiment[7:])
+  elif FLAGS.experiment == 'stale_baseline':
+    report = reporting.stale_table(runs)
   elif FLAGS.experiment == 'fig5_sparse':
     report = reporting.sparse_table(runs)
   elif FLAGS.experiment == 'fig5_unlock':

@@ -10,6 +10,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from dni_jax import data
 from dni_jax import experiments
@@ -37,7 +38,9 @@ flags.DEFINE_integer('hidden_size', None,
                      'as in A.1: 256 units, 64 filters (use 128 for CIFAR-10 '
                      'CNNs, 1000 for CIFAR-10 FCNs).')
 flags.DEFINE_enum('method', _D.method, list(feedforward.METHODS),
-                  'bprop | no_bprop | dni | cdni (label-conditioned DNI).')
+                  'bprop | no_bprop | dni | cdni (label-conditioned DNI) | '
+                  'stale (Sec. 3.1 baseline: a moving average of past '
+                  'gradients in place of the synthetic gradient).')
 flags.DEFINE_list('dni_layers', None,
                   'Put a DNI only after these layers (1-based; 3 = between '
                   'layers 3 and 4), backprop elsewhere (Fig. 9). Default: '
@@ -52,6 +55,9 @@ flags.DEFINE_bool('synthetic_inputs', False,
                   '(one-hidden-layer model), so no layer waits for another; '
                   'with --p_update, a busy layer does neither pass. Test time '
                   'connects the real layers.')
+flags.DEFINE_float('stale_decay', _D.stale_decay,
+                   '--method=stale: decay of the moving average of past '
+                   'gradients, in [0, 1); 0 uses the previous step\'s.')
 flags.DEFINE_integer('sg_hidden_layers', None,
                      'Hidden layers of each synthetic-gradient MLP (0-2); '
                      'default as in A.1: 2, except 0 for fcn cdni and 1 with '
@@ -75,6 +81,34 @@ flags.DEFINE_integer('checkpoint_every', _D.checkpoint_every,
 flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and data order.')
 flags.DEFINE_bool('overwrite', False,
                   'Replace a workdir that holds a run with another config.')
+flags.DEFINE_integer('num_devices', None,
+                     'Data parallelism: split each batch over this many local '
+                     'devices (default: all; --batch_size must divide over '
+                     'all devices of all processes).')
+flags.DEFINE_string('coordinator_address', None,
+                    'Multi-process run: host:port of process 0 for '
+                    'jax.distributed.initialize, or "auto" to detect the '
+                    'cluster (Cloud TPU, SLURM, ...). Default: one process.')
+flags.DEFINE_integer('num_processes', None,
+                     'Multi-process run: number of processes (default: '
+                     'detected by JAX).')
+flags.DEFINE_integer('process_id', None,
+                     'Multi-process run: this process, 0..num_processes-1 '
+                     '(default: detected by JAX). Process 0 writes the '
+                     'workdir files; all processes write checkpoints.')
+flags.DEFINE_enum('pipeline', '', ['', 'dni', 'bprop'],
+                  'Stages on different devices of this process (on a CPU '
+                  'host: that many fake CPU devices, for correctness, not '
+                  'speed): dni = the decoupled pipeline (--method=dni/cdni; '
+                  'the stages are the blocks between DNIs), bprop = the GPipe '
+                  'backprop pipeline (--method=bprop).')
+flags.DEFINE_integer('pipeline_stages', None,
+                     'Number of stages; the hidden layers are split as evenly '
+                     'as possible (--pipeline=dni: these become the DNI '
+                     'positions, so leave --dni_layers unset). Default for '
+                     'dni: one stage per block.')
+flags.DEFINE_integer('pipeline_microbatches', _D.pipeline_microbatches,
+                     '--pipeline=bprop: micro-batches per batch.')
 FLAGS = flags.FLAGS
 
 
@@ -98,6 +132,7 @@ def main(argv):
         num_layers=FLAGS.num_layers, hidden_size=FLAGS.hidden_size,
         method=FLAGS.method, sg_hidden_layers=FLAGS.sg_hidden_layers,
         p_update=FLAGS.p_update, synthetic_inputs=FLAGS.synthetic_inputs,
+        stale_decay=FLAGS.stale_decay,
         dni_layers=(None if FLAGS.dni_layers is None
                     else _int_list('dni_layers', FLAGS.dni_layers)),
         sg_hidden_size=FLAGS.sg_hidden_size,
@@ -106,7 +141,16 @@ def main(argv):
         lr_decay=FLAGS.lr_decay, batch_size=FLAGS.batch_size,
         num_steps=FLAGS.num_steps, eval_every=FLAGS.eval_every,
         log_every=FLAGS.log_every, checkpoint_every=FLAGS.checkpoint_every,
-        seed=FLAGS.seed, overwrite=FLAGS.overwrite)
+        seed=FLAGS.seed, overwrite=FLAGS.overwrite,
+        num_devices=FLAGS.num_devices,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+        pipeline=FLAGS.pipeline, pipeline_stages=FLAGS.pipeline_stages,
+        pipeline_microbatches=FLAGS.pipeline_microbatches)
+    if exp.pipeline:
+      # Only the CPU backend reads this: one fake CPU device per stage.
+      jax.config.update('jax_num_cpu_devices',
+                        len(exp.pipeline_boundaries) + 1)
     result = experiments.train_feedforward(exp)
   except (ValueError, training.TrainingError) as e:
     # DataError and WorkdirError are ValueErrors: one line, non-zero exit.

@@ -1,5 +1,6 @@
 """The feed-forward DNI protocol pinned down by exact equalities (DESIGN.md)."""
 
+import dataclasses
 import functools
 
 import chex
@@ -21,6 +22,8 @@ def small_config(method, **kw):
   args = dict(input_shape=(4, 4, 1), num_classes=10, num_layers=4,
               hidden_size=8, method=method, sg_hidden_layers=1,
               sg_hidden_size=16, learning_rate=1e-2, lr_boundaries=())
+  if method == 'stale':
+    args['batch_size'] = B
   args.update(kw)
   return dni_jax.FeedForwardConfig(**args)
 
@@ -265,6 +268,8 @@ def test_learning_rate_schedule_steps_down():
     (dict(model='cnn', input_shape=(784,)), 'needs images'),
     (dict(p_update=1.5), 'p_update'),
     (dict(method='bprop', p_update=0.5), 'needs interfaces'),
+    (dict(method='stale', batch_size=None), 'needs the training batch_size'),
+    (dict(method='stale', stale_decay=1.0), r'stale_decay=1.0 must be in'),
 ])
 def test_config_rejects_bad_values(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -348,6 +353,8 @@ def test_diagnostics_compare_synthetic_with_backpropagated_gradient():
 def test_every_method_learns(method):
   """Loss on a fixed learnable problem falls well below chance for all methods."""
   config = small_config(method, learning_rate=1e-2)
+  if method == 'stale':
+    config = dataclasses.replace(config, batch_size=64)
   ff = make(config)
   state = ff.init(jax.random.key(0))
   k1, k2 = jax.random.split(jax.random.key(7))
@@ -529,3 +536,88 @@ def test_complete_unlock_input_models_learn_and_the_network_learns():
   assert float(jnp.mean(jnp.argmax(logits, -1) == labels)) > 0.5
   assert all(float(history[-1]['si_loss'][j]) < float(history[10]['si_loss'][j])
              for j in range(3))
+
+
+# ---------------------------------------------------------------------------
+# The stale-gradient baseline (Sec. 3.1).
+# ---------------------------------------------------------------------------
+
+def true_interface_gradients(ff, state, images, labels):
+  """Per-example dL/dh_i of every hidden layer's output (train-mode BN)."""
+  modules = ff.modules
+  hs = [images]
+  for i, s in enumerate(state.layers):
+    hs.append(ff.hidden_forward(i, s, hs[-1]))
+  lp = [s.params for s in state.layers]
+  stats = [s.batch_stats for s in state.layers]
+  return hs, [B * jax.grad(lambda h, i=i: whole_network_loss(
+      modules, lp[i + 1:], state.head.params, stats[i + 1:], h, labels))(
+          hs[i + 1]) for i in range(len(state.layers))]
+
+
+def test_stale_baseline_equals_backprop_when_it_holds_the_current_gradient():
+  """If the remembered gradient is the current true gradient (what a decay
+  of 0 gives when the same batch comes again at the same weights), the stale
+  step is the backprop step."""
+  ff = make(small_config('stale', stale_decay=0.0))
+  bp = make(small_config('bprop'))
+  state = ff.init(jax.random.key(0))
+  images, labels = batch()
+  _, true = true_interface_gradients(ff, state, images, labels)
+  state = state._replace(synthetic=tuple(
+      s._replace(average=g) for s, g in zip(state.synthetic, true)))
+  new, metrics = ff.train_step(state, images, labels)
+  s_bp, m_bp = bp.train_step(bp.init(jax.random.key(0)), images, labels)
+  chex.assert_trees_all_close((new.layers, new.head), (s_bp.layers, s_bp.head),
+                              rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics['loss'], m_bp['loss'], rtol=1e-6)
+  # With decay 0 the memory now holds this step's targets: the true gradient
+  # (they were the true gradients already), so its regression error was 0.
+  chex.assert_trees_all_close([s.average for s in new.synthetic], true,
+                              rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(metrics['sg_loss'], 0.0, atol=1e-8)
+
+
+@pytest.mark.parametrize('decay', [0.0, 0.7])
+def test_stale_baseline_uses_the_past_and_averages_the_targets(decay):
+  """Step t uses the memory from before step t; the memory then moves to
+  decay * memory + (1 - decay) * target, with DNI's targets (bootstrapped
+  through the layer above, true at the top)."""
+  ff = make(small_config('stale', stale_decay=decay))
+  state = ff.init(jax.random.key(0))
+  memory = tuple(s._replace(average=perturb(s.average, 10 + j))
+                 for j, s in enumerate(state.synthetic))
+  state = state._replace(synthetic=memory)
+  images, labels = batch(3)
+  new, _ = ff.train_step(state, images, labels)
+  hs = [images]
+  targets = []
+  for i, s in enumerate(state.layers):
+    new_i, h, grad_x, grad_h = ff.backprop_update(i, s, hs[-1],
+                                                  memory[i].average)
+    chex.assert_trees_all_close(new_i, new.layers[i], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(ff.synthetic_gradient(memory[i], h, None),
+                                memory[i].average)
+    if i > 0:
+      targets.append(grad_x)
+    hs.append(h)
+  _, top_target, _, _ = ff.head_update(state.head, hs[-1], labels)
+  targets.append(top_target)
+  for old, target, got in zip(memory, targets, new.synthetic):
+    chex.assert_trees_all_close(
+        got.average, decay * old.average + (1 - decay) * target, rtol=1e-5,
+        atol=1e-6)
+
+
+def test_stale_baseline_fused_equals_per_layer_and_rejects_other_batch_sizes():
+  ff = make(small_config('stale'))
+  fused = per_layer = ff.init(jax.random.key(0))
+  for step in range(2):
+    fused, m_fused = ff.train_step(fused, *batch(step))
+    per_layer, m_layer = dni_jax.per_layer_train_step(ff, per_layer,
+                                                      *batch(step))
+  chex.assert_trees_all_close(fused, per_layer, rtol=1e-5, atol=1e-6)
+  images, labels = batch()
+  with pytest.raises(ValueError, match='batch size it was built for'):
+    ff.train_step(fused, jnp.concatenate([images, images]),
+                  jnp.concatenate([labels, labels]))

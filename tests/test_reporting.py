@@ -101,3 +101,22 @@ def test_runs_table_labels_unlock_and_sparse(tmp_path):
   open(os.path.join(w, 'config.json'), 'w').write(json.dumps(cfg))
   assert reporting.runs_table([reporting.load_run(w)]).splitlines()[2] == (
       '| cdni unlock p=0.5 | 2.00 (2.00) |')
+
+
+def test_stale_table_has_a_column_per_decay_and_the_paper(tmp_path):
+  runs = []
+  for layers, decay, errors in ((3, 0.0, [20.0, 12.0]), (3, 0.9, [15.0, 9.5]),
+                                (4, 0.9, [30.0, 14.0])):
+    workdir = tmp_path / f'{layers}_{decay}'
+    workdir.mkdir()
+    (workdir / 'config.json').write_text(json.dumps(
+        {'num_layers': layers, 'method': 'stale', 'stale_decay': decay}))
+    (workdir / 'result.json').write_text(json.dumps(
+        {'test_error': errors[-1], 'best_test_error': min(errors)}))
+    runs.append(reporting.load_run(str(workdir)))
+  table = reporting.stale_table(runs).splitlines()
+  assert table[0] == ('| Layers | stale decay=0 ours | stale decay=0.9 ours | '
+                      'stale paper (best decay) |')
+  assert table[2] == '| 3 | 12.00 (12.00) | 9.50 (9.50) | 9.1 |'
+  assert table[3] == '| 4 |  | 14.00 (14.00) | 11.8 |'
+  assert reporting.run_label(runs[1]) == 'stale decay=0.9'

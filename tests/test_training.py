@@ -79,6 +79,7 @@ def test_script_writes_the_workdir_contract_and_learns(tmp_path, mnist_dir):
     (['--method=bprop', '--synthetic_inputs'], '--synthetic_inputs needs'),
     (['--model=cnn', '--synthetic_inputs'], '--model=fcn only'),
     (['--method=bprop', '--p_update=0.5'], '--p_update < 1 needs interfaces'),
+    (['--method=stale', '--stale_decay=1'], '--stale_decay=1.0'),
 ])
 def test_script_bad_input_is_one_clear_line(tmp_path, mnist_dir, args, needle):
   workdir = tmp_path / 'run'

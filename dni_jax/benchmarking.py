@@ -1,0 +1,609 @@
+"""Benchmark logic behind `scripts/benchmark.py`: timing, FLOP/s, memory, the
+pipeline suite and its pinned-process launcher.
+
+Timing: median wall time of a step over `steps` steps after `warmup` steps,
+each step followed by `jax.block_until_ready` (the same on CPU, GPU and TPU).
+
+The pipeline suite can run in one process over the local devices (fake CPU
+devices, or real accelerators) or, on a CPU host, as one process per device
+pinned to its own core (`launch_workers`): JAX's multi-process runtime with
+gloo collectives over 127.0.0.1, so every stage has compute of its own. The
+worker is this module run as `python -m dni_jax.benchmarking SPEC OUT ...`.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dni_jax import feedforward
+from dni_jax import pipeline as pl
+
+# ---------------------------------------------------------------------------
+# Measuring.
+# ---------------------------------------------------------------------------
+
+
+def load_average() -> list[float] | None:
+  try:
+    with open('/proc/loadavg') as f:
+      return [float(v) for v in f.read().split()[:3]]
+  except OSError:
+    return None
+
+
+def time_steps(step: Callable, state: Any, args: tuple, warmup: int,
+               steps: int) -> tuple[list[float], Any]:
+  """Runs `state, _ = step(state, *args)`; returns (seconds per timed step,
+  final state)."""
+  for _ in range(warmup):
+    state, _ = step(state, *args)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, _ = step(state, *args)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  return times, state
+
+
+def time_call(fn: Callable, args: tuple, warmup: int, steps: int) -> float:
+  """Median seconds of a stateless call."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def compiled_flops(jitted: Callable, *args) -> float | None:
+  """FLOPs of one call from XLA's cost analysis (None if unavailable)."""
+  try:
+    analysis = jitted.lower(*args).compile().cost_analysis()
+  except Exception:  # Some backends do not implement it.
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or 'flops' not in analysis:
+    return None
+  return float(analysis['flops'])
+
+
+def matmul_peak(size: int = 2048, device=None, steps: int = 10) -> float:
+  """Measured FLOP/s of a float32 [size, size] matmul on `device`: the peak
+  achieved FLOP/s are compared to."""
+  device = device or jax.devices()[0]
+  a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+  matmul = jax.jit(lambda x, y: x @ y)
+  seconds = time_call(matmul, (a, a), warmup=2, steps=steps)
+  return 2.0 * size ** 3 / seconds
+
+
+def peak_memory_bytes(device=None) -> int | None:
+  """Peak bytes in use on the device (None where the backend does not say,
+  e.g. CPU)."""
+  device = device or jax.devices()[0]
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if not stats:
+    return None
+  return stats.get('peak_bytes_in_use', stats.get('bytes_in_use'))
+
+
+def device_info() -> dict:
+  device = jax.devices()[0]
+  return {'backend': jax.default_backend(), 'device_kind': device.device_kind,
+          'num_devices': jax.device_count(),
+          'num_processes': jax.process_count(),
+          'cpu_cores': os.cpu_count()}
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+  def cell(v):
+    if v is None:
+      return '–'
+    if isinstance(v, float):
+      return f'{v:.4g}'
+    return str(v)
+  lines = ['| ' + ' | '.join(columns) + ' |',
+           '|' + '---|' * len(columns)]
+  lines += ['| ' + ' | '.join(cell(r.get(c)) for c in columns) + ' |'
+            for r in rows]
+  return '\n'.join(lines) + '\n'
+
+
+# ---------------------------------------------------------------------------
+# Single-device models and data parallelism.
+# ---------------------------------------------------------------------------
+
+MODEL_SIZES = {
+    # MNIST sizes of A.1: 256 units / 64 filters, batch 256.
+    'fcn': dict(model='fcn', input_shape=(28, 28, 1), hidden_size=256,
+                sg_hidden_size=1024),
+    'cnn': dict(model='cnn', input_shape=(28, 28, 1), hidden_size=64,
+                sg_hidden_size=64),
+}
+
+
+def model_config(model: str, method: str, num_layers: int = 4,
+                 **overrides) -> feedforward.FeedForwardConfig:
+  """A.1 sizes; cDNI FCN synthetic-gradient models are linear (A.1)."""
+  sizes = dict(MODEL_SIZES[model])
+  sg_layers = 0 if (method == 'cdni' and model == 'fcn') else 2
+  sizes.update(overrides)
+  return feedforward.FeedForwardConfig(
+      num_classes=10, num_layers=num_layers, method=method,
+      sg_hidden_layers=sg_layers, learning_rate=3e-5, lr_boundaries=(),
+      **sizes)
+
+
+def _model_batch(config, batch_size, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.random((batch_size,) + tuple(config.input_shape), np.float32)
+  labels = rng.integers(0, config.num_classes, batch_size).astype(np.int32)
+  return images, labels
+
+
+def run_models_suite(models, methods, batch_size, warmup, steps,
+                     peak_flops) -> list[dict]:
+  """Fused vs per-layer dispatch on one device, per model and method:
+  median step time, samples/s, FLOP/s (XLA cost analysis of the fused step;
+  the per-layer schedule does the same arithmetic), its fraction of the
+  measured matmul peak, peak device memory."""
+  rows = []
+  for model in models:
+    for method in methods:
+      config = model_config(model, method)
+      ff = feedforward.make_feedforward(config)
+      images, labels = (jnp.asarray(v) for v in _model_batch(config,
+                                                             batch_size))
+      state = ff.init(jax.random.key(0))
+      flops = compiled_flops(ff.train_step, state, images, labels)
+      per_layer = lambda st, x, y, ff=ff: feedforward.per_layer_train_step(
+          ff, st, x, y)
+      for dispatch, step in (('fused', ff.train_step),
+                             ('per_layer', per_layer)):
+        times, _ = time_steps(step, ff.init(jax.random.key(0)),
+                              (images, labels), warmup, steps)
+        seconds = statistics.median(times)
+        rows.append({
+            'model': model, 'method': method, 'dispatch': dispatch,
+            'devices': 1, 'batch_size': batch_size,
+            'step_ms': 1e3 * seconds, 'samples_per_s': batch_size / seconds,
+            'flops_per_step': flops,
+            'flops_per_s': flops / seconds if flops else None,
+            'fraction_of_matmul_peak': (flops / seconds / peak_flops
+                                        if flops else None),
+            'peak_memory_bytes': peak_memory_bytes(),
+        })
+  for row in rows:   # DNI/Bprop step-time ratio per model and dispatch.
+    ref = next(r for r in rows if r['model'] == row['model'] and r[
+        'dispatch'] == row['dispatch'] and r['method'] == 'bprop') if (
+            'bprop' in methods) else None
+    row['step_time_vs_bprop'] = (row['step_ms'] / ref['step_ms']
+                                 if ref else None)
+  return rows
+
+
+def run_data_parallel_suite(model, method, device_counts, batch_size, warmup,
+                            steps) -> list[dict]:
+  """The fused step of `dni_jax.parallel.make_data_parallel` (batch split
+  over the devices, states replicated) on 1..K devices."""
+  from dni_jax import parallel
+  config = model_config(model, method)
+  images, labels = _model_batch(config, batch_size)
+  rows = []
+  for n in device_counts:
+    mesh = parallel.make_data_mesh(n)
+    ff = parallel.make_data_parallel(config, mesh)
+    x, y = parallel.shard_batch(mesh, images, labels)
+    times, _ = time_steps(ff.train_step, ff.init(jax.random.key(0)), (x, y),
+                          warmup, steps)
+    seconds = statistics.median(times)
+    rows.append({'model': model, 'method': method, 'mode': 'data_parallel',
+                 'devices': mesh.size, 'batch_size': batch_size,
+                 'step_ms': 1e3 * seconds,
+                 'samples_per_s': batch_size / seconds})
+  for row in rows:
+    row['speedup_vs_1'] = rows[0]['step_ms'] / row['step_ms']
+  return rows
+
+
+# ---------------------------------------------------------------------------
+# The pipeline suite.
+# ---------------------------------------------------------------------------
+
+def _suite_base(spec: dict) -> dict:
+  return dict(input_shape=tuple(spec['input_shape']), num_classes=10,
+              num_layers=spec['num_layers'], hidden_size=spec['hidden_size'],
+              sg_hidden_layers=0, sg_hidden_size=spec['hidden_size'],
+              learning_rate=3e-5, lr_boundaries=())
+
+
+def measured_layer_costs(spec: dict) -> tuple[list[float], float]:
+  """Seconds of each layer's DNI update (a one-layer block with its synthetic
+  gradient; the classifier from the loss) and of one synthetic-gradient
+  update, measured on this device: what the stages are balanced with."""
+  config = feedforward.FeedForwardConfig(method='cdni', **_suite_base(spec))
+  ff = feedforward.make_feedforward(config)
+  state = ff.init(jax.random.key(0))
+  images, labels = (jnp.asarray(v) for v in _batch(spec))
+  context = ff.context(labels)
+  costs, x = [], images
+  for i in range(config.num_layers - 1):
+    args = ((i,), (state.layers[i],), state.synthetic[i], x, context)
+    costs.append(time_call(ff.block_update, args, 2, 10))
+    x = ff.hidden_forward(i, state.layers[i], x)
+  costs.append(time_call(ff.head_update, (state.head, x, labels), 2, 10))
+  sg = time_call(ff.synthetic_update, (state.synthetic[0], x, context, x), 2,
+                 10)
+  return costs, sg
+
+
+def pipeline_configs(spec: dict):
+  """The cDNI network of the suite with one stage per device, and the same
+  layers trained by Bprop. Stage boundaries: `spec['boundaries']` (measured
+  by `measured_layer_costs` and balanced), else balanced by `pl.fcn_costs`."""
+  base = _suite_base(spec)
+  boundaries = spec.get('boundaries')
+  if boundaries is None:
+    probe = feedforward.FeedForwardConfig(method='cdni', **base)
+    costs, sg = pl.fcn_costs(probe)
+    boundaries = pl.balanced_interfaces(spec['num_layers'],
+                                        spec['num_stages'], costs, sg)
+  boundaries = tuple(boundaries)
+  dni = feedforward.FeedForwardConfig(method='cdni', dni_layers=boundaries,
+                                      **base)
+  bprop = feedforward.FeedForwardConfig(method='bprop', **base)
+  return dni, bprop, boundaries
+
+
+def _batch(spec: dict, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  images = rng.random((spec['batch_size'],) + tuple(spec['input_shape']),
+                      np.float32)
+  labels = rng.integers(0, 10, spec['batch_size']).astype(np.int32)
+  return images, labels
+
+
+def _replicated(mesh, value):
+  return pl.global_array(mesh, jax.P(), value)
+
+
+def stage_compute_times(config, batch_size, warmup, steps) -> list[float]:
+  """Seconds of each stage's work in one tick (both phases of
+  `pipeline_tick_local` for that stage, as one jitted function on this
+  device: no collectives, no switch)."""
+  modules = feedforward.build_modules(config)
+  layout = pl.pipeline_layout(config, modules, batch_size)
+  ff_state = jax.jit(functools.partial(feedforward.init, modules, config))(
+      jax.random.key(0))
+  blocks, synthetic = jax.jit(functools.partial(pl.stack_stages, layout))(
+      ff_state)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.random(
+      (batch_size,) + tuple(config.input_shape), np.float32))
+  labels = jnp.zeros((batch_size,), jnp.int32)
+  acts = jnp.asarray(rng.random((batch_size, layout.width), np.float32))
+  times = []
+  for s in range(len(layout.stages)):
+    def stage_compute(blocks, synthetic, images, labels, acts, s=s):
+      new_blocks = pl.stage_block_phase(modules, layout, s, blocks, synthetic,
+                                        images, labels, acts, labels)
+      new_synthetic = pl.stage_synthetic_phase(modules, layout, s, synthetic,
+                                               acts, labels, acts)
+      return new_blocks, new_synthetic
+    args = ({d: b[s] for d, b in blocks.items()},
+            {d: b[s] for d, b in synthetic.items()}, images, labels, acts)
+    times.append(time_call(jax.jit(stage_compute), args, warmup, steps))
+  return times
+
+
+def run_baseline(spec: dict) -> dict:
+  """(1) All stages on one device, one after another: the fused cDNI step of
+  the same network (and, for reference, the fused Bprop step)."""
+  out = {}
+  if spec.get('balance') == 'measured' and spec.get('boundaries') is None:
+    costs, sg = measured_layer_costs(spec)
+    spec = dict(spec, boundaries=pl.balanced_interfaces(
+        spec['num_layers'], spec['num_stages'], costs, sg))
+    out.update(layer_costs_s=costs, interface_cost_s=sg)
+  dni, bprop, boundaries = pipeline_configs(spec)
+  out['boundaries'] = list(boundaries)
+  images, labels = (jnp.asarray(v) for v in _batch(spec))
+  for name, config in (('dni', dni), ('bprop', bprop)):
+    ff = feedforward.make_feedforward(config)
+    times, _ = time_steps(ff.train_step, ff.init(jax.random.key(0)),
+                          (images, labels), spec['warmup'], spec['steps'])
+    out[f'{name}_step_s'] = statistics.median(times)
+  out['stage_compute_s'] = stage_compute_times(
+      dni, spec['batch_size'], spec['warmup'], spec['steps'])
+  return out
+
+
+def run_pipelines(spec: dict) -> dict:
+  """(2) The decoupled pipeline and (3) the backprop pipeline over every
+  device of the (possibly multi-process) runtime, one stage per device.
+  Returns this process's measurements."""
+  dni, bprop, boundaries = pipeline_configs(spec)
+  num_stages = spec['num_stages']
+  mesh = pl.stage_mesh(num_stages)
+  images, labels = _batch(spec)
+  images_g, labels_g = _replicated(mesh, images), _replicated(mesh, labels)
+  out = {'process_index': jax.process_index()}
+
+  pipe = pl.make_pipeline(dni, mesh, spec['batch_size'])
+  times, state = time_steps(pipe.tick, pipe.init(jax.random.key(0)),
+                            (images_g, labels_g), spec['warmup'],
+                            spec['steps'])
+  out['pipeline_tick_s'] = statistics.median(times)
+
+  # The communication of one tick on its own.
+  layout = pipe.layout
+  up = [(i, i + 1) for i in range(num_stages - 1)]
+  down = [(i + 1, i) for i in range(num_stages - 1)]
+
+  def communicate(h, y, g):
+    return (jax.lax.ppermute((h, y), pl.STAGE_AXIS, up),
+            jax.lax.ppermute(g, pl.STAGE_AXIS, down))
+  comm = jax.jit(jax.shard_map(
+      communicate, mesh=mesh, in_specs=jax.P(pl.STAGE_AXIS),
+      out_specs=jax.P(pl.STAGE_AXIS)))
+  out['communication_s'] = time_call(
+      comm, (state.outputs, state.output_labels, state.inputs),
+      spec['warmup'], spec['steps'])
+  out['activation_bytes_per_message'] = (
+      spec['batch_size'] * layout.width * 4)
+
+  bp = pl.make_backprop_pipeline(bprop, mesh, spec['batch_size'], boundaries,
+                                 spec['microbatches'])
+  times, _ = time_steps(bp.train_step, bp.init(jax.random.key(0)),
+                        (images_g, labels_g), spec['warmup'], spec['steps'])
+  out['backprop_pipeline_step_s'] = statistics.median(times)
+  return out
+
+
+def check_spec() -> dict:
+  """A tiny two-stage network for the cross-process correctness test."""
+  return {'mode': 'check', 'input_shape': [4, 4, 1], 'num_layers': 4,
+          'hidden_size': 8, 'batch_size': 8, 'num_stages': 2, 'ticks': 3}
+
+
+def run_check(spec: dict) -> dict:
+  """Three ticks of the decoupled pipeline on fixed batches; returns this
+  process's stage slices of the state (all of them in one process)."""
+  dni, _, _ = pipeline_configs(spec)
+  dni = dataclasses.replace(dni, learning_rate=1e-2)
+  mesh = pl.stage_mesh(spec['num_stages'])
+  pipe = pl.make_pipeline(dni, mesh, spec['batch_size'])
+  state = pipe.init(jax.random.key(0))
+  for tick in range(spec['ticks']):
+    images, labels = _batch(spec, seed=tick)
+    state, _ = pipe.tick(state, _replicated(mesh, images),
+                         _replicated(mesh, labels))
+  named = {f'blocks.{d}': b for d, b in state.blocks.items()}
+  named.update({f'synthetic.{d}': b for d, b in state.synthetic.items()})
+  named.update(inputs=state.inputs, outputs=state.outputs)
+  if jax.process_count() == 1:
+    return {k: np.asarray(v) for k, v in named.items()}
+  return {k: np.asarray(v.addressable_shards[0].data[0]).tolist()
+          for k, v in named.items()}
+
+
+# ---------------------------------------------------------------------------
+# The pinned-process launcher (CPU hosts).
+# ---------------------------------------------------------------------------
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def launch_workers(num_processes: int, spec: dict, workdir: str,
+                   timeout: float = 600.0, pin: bool = True) -> list[dict]:
+  """Starts `num_processes` workers on 127.0.0.1 (a free port), worker i
+  pinned to core i with one CPU device, all in one JAX runtime with gloo
+  collectives; returns each worker's result, by process id. For CPU hosts:
+  on accelerator hosts start one process per host with the usual launcher
+  and call `run_pipelines`."""
+  if pin and num_processes > len(os.sched_getaffinity(0)):
+    raise ValueError(f'--processes={num_processes} exceeds the '
+                     f'{len(os.sched_getaffinity(0))} cores available')
+  os.makedirs(workdir, exist_ok=True)
+  spec_path = os.path.join(workdir, 'spec.json')
+  with open(spec_path, 'w') as f:
+    json.dump(spec, f)
+  port = free_port()
+  cores = sorted(os.sched_getaffinity(0))
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)   # No fake-device settings from the parent.
+  procs, outs = [], []
+  for i in range(num_processes):
+    out = os.path.join(workdir, f'worker{i}.json')
+    outs.append(out)
+    core = str(cores[i]) if pin else '-1'
+    cmd = [sys.executable, '-m', 'dni_jax.benchmarking', spec_path, out,
+           str(i), str(num_processes), str(port), core]
+    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  logs, failed = [], False
+  deadline = time.monotonic() + timeout
+  for proc in procs:
+    try:
+      log, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+      log, _ = proc.communicate()
+      failed = True
+    logs.append(log)
+    failed |= proc.returncode != 0
+  if failed:
+    raise RuntimeError('pipeline workers failed:\n' + '\n'.join(
+        f'--- worker {i} ---\n{log[-3000:]}' for i, log in enumerate(logs)))
+  results = []
+  for out in outs:
+    with open(out) as f:
+      results.append(json.load(f))
+  return results
+
+
+def run_single_process(spec: dict, workdir: str, core: int | None,
+                       timeout: float = 600.0) -> dict:
+  """The baseline in a fresh process pinned to `core` (one CPU device)."""
+  os.makedirs(workdir, exist_ok=True)
+  spec_path = os.path.join(workdir, 'spec_single.json')
+  with open(spec_path, 'w') as f:
+    json.dump(spec, f)
+  out = os.path.join(workdir, 'single.json')
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)
+  cmd = [sys.executable, '-m', 'dni_jax.benchmarking', spec_path, out, '0',
+         '1', '0', str(-1 if core is None else core)]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  if proc.returncode != 0:
+    raise RuntimeError(f'baseline worker failed:\n{proc.stdout[-3000:]}'
+                       f'{proc.stderr[-3000:]}')
+  with open(out) as f:
+    return json.load(f)
+
+
+def worker_main(argv: list[str]) -> None:
+  """`python -m dni_jax.benchmarking SPEC OUT PROCESS_ID NUM_PROCESSES PORT
+  CORE`: one pinned worker; writes its result as JSON to OUT."""
+  spec_path, out, process_id, num_processes, port, core = argv
+  process_id, num_processes, core = int(process_id), int(num_processes), int(
+      core)
+  if core >= 0:
+    os.sched_setaffinity(0, {core})
+  with open(spec_path) as f:
+    spec = json.load(f)
+  jax.config.update('jax_platforms', 'cpu')
+  jax.config.update('jax_num_cpu_devices', 1)
+  if num_processes > 1:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
+                               num_processes=num_processes,
+                               process_id=process_id,
+                               initialization_timeout=120)
+  mode = spec['mode']
+  if mode == 'check':
+    result = {'stage_state': run_check(spec)}
+  elif mode == 'baseline':
+    result = run_baseline(spec)
+  elif mode == 'pipelines':
+    result = run_pipelines(spec)
+  else:
+    raise ValueError(f'unknown worker mode {mode!r}')
+  result['core'] = core
+  with open(out, 'w') as f:
+    json.dump(result, f)
+  if num_processes > 1:
+    jax.distributed.shutdown()
+
+
+def summarize_pipeline(spec: dict, baseline: dict, workers: list[dict],
+                       launcher: str) -> dict:
+  """The suite's JSON: throughputs (examples/s) of (1) all stages on one
+  device, (2) the decoupled pipeline, (3) the backprop pipeline; their
+  ratios; per-stage compute and communication."""
+  B = spec['batch_size']
+  dni, _, boundaries = pipeline_configs(spec)
+  tick = max(w['pipeline_tick_s'] for w in workers)
+  bp_step = max(w['backprop_pipeline_step_s'] for w in workers)
+  throughput = {
+      'single_device': B / baseline['dni_step_s'],
+      'dni_pipeline': B / tick,
+      'backprop_pipeline': B / bp_step,
+      'single_device_bprop': B / baseline['bprop_step_s'],
+  }
+  return {
+      'suite': 'pipeline',
+      'launcher': launcher,
+      'network': {'method': 'cdni', 'num_layers': spec['num_layers'],
+                  'hidden_size': spec['hidden_size'],
+                  'input_shape': spec['input_shape'], 'batch_size': B,
+                  'stage_boundaries': list(boundaries),
+                  'stages': [list(b) for b in dni.blocks]},
+      'num_stages': spec['num_stages'],
+      'microbatches': spec['microbatches'],
+      'warmup': spec['warmup'], 'steps': spec['steps'],
+      'seconds_per_example': {k: 1.0 / v for k, v in throughput.items()},
+      'examples_per_second': throughput,
+      'pipeline_speedup': throughput['dni_pipeline'] / throughput[
+          'single_device'],
+      'backprop_pipeline_speedup': throughput['backprop_pipeline'] /
+                                   throughput['single_device'],
+      'single_device_step_s': baseline['dni_step_s'],
+      'single_device_bprop_step_s': baseline['bprop_step_s'],
+      'pipeline_tick_s': tick,
+      'backprop_pipeline_step_s': bp_step,
+      # Measured alone on one device (in the baseline's process).
+      'stage_compute_s': baseline['stage_compute_s'],
+      'communication_s': max(w['communication_s'] for w in workers),
+      'activation_bytes_per_message': workers[0][
+          'activation_bytes_per_message'],
+      'balance': spec.get('balance', 'flops'),
+      'measured_layer_costs_s': baseline.get('layer_costs_s'),
+      'measured_interface_cost_s': baseline.get('interface_cost_s'),
+  }
+
+
+def pipeline_markdown(result: dict) -> str:
+  rows = [
+      {'way': '(1) all stages on one ' + ('core' if result['launcher'] ==
+                                          'processes' else 'device'),
+       'ms per step': 1e3 * result['single_device_step_s'],
+       'µs per example': 1e6 * result['seconds_per_example']['single_device'],
+       'examples/s': result['examples_per_second']['single_device'],
+       'vs (1)': 1.0},
+      {'way': f'(2) decoupled cDNI pipeline, {result["num_stages"]} stages',
+       'ms per step': 1e3 * result['pipeline_tick_s'],
+       'µs per example': 1e6 * result['seconds_per_example']['dni_pipeline'],
+       'examples/s': result['examples_per_second']['dni_pipeline'],
+       'vs (1)': result['pipeline_speedup']},
+      {'way': f'(3) backprop pipeline (GPipe, {result["microbatches"]} '
+              'micro-batches)',
+       'ms per step': 1e3 * result['backprop_pipeline_step_s'],
+       'µs per example': 1e6 * result['seconds_per_example'][
+           'backprop_pipeline'],
+       'examples/s': result['examples_per_second']['backprop_pipeline'],
+       'vs (1)': result['backprop_pipeline_speedup']},
+      {'way': '(ref) Bprop, fused, one ' + ('core' if result['launcher'] ==
+                                            'processes' else 'device'),
+       'ms per step': 1e3 * result['single_device_bprop_step_s'],
+       'µs per example': 1e6 * result['seconds_per_example'][
+           'single_device_bprop'],
+       'examples/s': result['examples_per_second']['single_device_bprop'],
+       'vs (1)': result['examples_per_second']['single_device_bprop'] /
+                 result['examples_per_second']['single_device']},
+  ]
+  table = markdown_table(rows, ['way', 'ms per step', 'µs per example',
+                                'examples/s', 'vs (1)'])
+  stages = ', '.join(f'{1e3 * t:.2f}' for t in result['stage_compute_s'])
+  table += (f'\nPer-stage compute per tick (ms): {stages}; communication per '
+            f'tick: {1e3 * result["communication_s"]:.2f} ms '
+            f'({result["activation_bytes_per_message"]} bytes each way per '
+            'interface).\n')
+  return table
+
+
+if __name__ == '__main__':
+  worker_main(sys.argv[1:])

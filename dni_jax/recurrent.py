@@ -1,0 +1,488 @@
+"""Recurrent DNI (Sec. 2.2, 3.2, A.3; Fig. 3, 4): truncated BPTT with
+synthetic gradients at the unroll boundary, and DNI + Aux.
+
+An infinitely unrolled core f is cut into unrolls of T steps (Eq. 3). One
+training step takes the carried core state s_0, runs the T steps in `lax.scan`
+and gets, from one `jax.vjp`, both the parameter gradient of the unroll's task
+loss and the gradient w.r.t. s_0:
+
+  * `bptt`:    the gradient from the future at the boundary is delta_T = 0;
+  * `dni`:     delta_T = sg_scale * M(y_T), the synthetic-gradient model M (one
+               hidden layer as wide as the core, output one gradient per state
+               tensor: h and, for the LSTM, c) reading the core's output at the
+               boundary (Fig. 3a). The gradient w.r.t. s_0 is the target for the
+               synthetic gradient emitted at the previous boundary (Fig. 4; it is
+               "slightly stale"); M is trained on the L2 loss to it, weight 1;
+  * `dni_aux`: as `dni`, plus a head A that at every step t predicts the
+               synthetic gradient M(y_{t+T}) T steps later, L2 loss, weight 1
+               (Fig. 3b).
+
+Gradient convention (as `interface.pull_back`): every gradient crossing the
+unroll boundary -- the synthetic gradient delta_T, the true future gradient of
+the oracle test, the target for M -- is per example,
+delta_b = B * dL/ds_b, where L is the batch-mean (over B) of the unroll's loss
+summed over its T steps. The target for the previous boundary is therefore
+B * dL/ds_0, and delta_T enters the vjp as the cotangent delta_T / B.
+
+Fig. 4's extra core in memory: the previous unroll's prediction M(y_T) must be
+trained once its target exists, one step later, so the carry keeps the last K
+inputs and the state before them (K = 1 for `dni`, the T+1-th core of Fig. 4;
+K = T for `dni_aux`, whose aux predictions at every step of the previous unroll
+are trained on M(y_{t+T}) = M at every step of this unroll). These steps are
+recomputed with the current parameters, so the synthetic-gradient loss can be
+backpropagated into the core (`sg_into_core`, A.3's hyper-parameter) and the
+aux loss always is (its purpose is to shape the core).
+"""
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dni_jax import interface
+
+Array = jax.Array
+Params = dict[str, Any]
+CoreState = tuple[Array, ...]   # (h_BxH,) or (h_BxH, c_BxH).
+
+CORES = ('lstm', 'rnn', 'leaky_rnn')
+METHODS = ('bptt', 'dni', 'dni_aux')
+LOSSES = ('bernoulli', 'categorical')
+
+
+class RecurrentConfig(NamedTuple):
+  """Everything that defines the model and its training step."""
+  core: str                 # 'lstm' | 'rnn' | 'leaky_rnn'.
+  input_size: int           # Bits per step, or the vocabulary (categorical).
+  output_size: int          # Bits per step, or the vocabulary (categorical).
+  hidden_size: int
+  unroll: int               # T.
+  method: str = 'dni'       # 'bptt' | 'dni' | 'dni_aux'.
+  loss: str = 'categorical'  # 'bernoulli' (bits) or 'categorical' (tokens).
+  sg_scale: float = 0.1     # A.3: the synthetic gradient is scaled when consumed.
+  sg_into_core: bool = False  # A.3: backpropagate the SG loss into the core.
+  learning_rate: float = 7e-5  # A.3, Adam.
+  leak: float = 0.5         # Leaky RNN: h' = (1 - leak) h + leak tanh(...).
+
+  @property
+  def num_state(self) -> int:
+    return 2 if self.core == 'lstm' else 1
+
+  @property
+  def sg_size(self) -> int:
+    """A.3: 2 x width for the LSTM (h and c), width for the others."""
+    return self.num_state * self.hidden_size
+
+  @property
+  def replay_length(self) -> int:
+    """K, the previous unroll's steps kept to train M (and A) one step later."""
+    return {'bptt': 0, 'dni': 1, 'dni_aux': self.unroll}[self.method]
+
+
+class Chunk(NamedTuple):
+  """T steps of data for B streams."""
+  inputs: Array    # f32[B, T, input_size] (bernoulli) or i32[B, T] (categorical).
+  targets: Array   # f32[B, T, output_size] in {0, 1}, or i32[B, T].
+  mask: Array      # f32[B, T]: 1 where the step's output is scored.
+  resets: Array    # f32[B, T]: 1 where an episode starts (state zeroed before it).
+
+
+class Carry(NamedTuple):
+  """What crosses from one unroll to the next (replay fields: None for bptt)."""
+  core: CoreState           # s_0 of the next unroll, each f32[B, H].
+  replay_start: CoreState | None   # state before the last K steps.
+  replay_inputs: Array | None      # the last K steps' inputs, [B, K, ...].
+  replay_resets: Array | None      # f32[B, K].
+  valid: Array              # f32[]: 1 once a previous boundary exists.
+
+
+class RecurrentState(NamedTuple):
+  params: Params            # {'core', 'readout', 'sg', 'aux'} (sg/aux: DNI only).
+  opt_state: Any
+  carry: Carry
+  step: Array               # i32[].
+
+
+# ---------------------------------------------------------------------------
+# Cores: pure functions (params, state, x) -> (state, y).
+# ---------------------------------------------------------------------------
+
+def _uniform(key, shape, fan_in):
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def _bias(x: Array, b: Array) -> Array:
+  """x[..., D] + b[D], broadcast explicitly (no implicit rank promotion)."""
+  return x + b.reshape((1,) * (x.ndim - 1) + b.shape)
+
+
+def init_core(key: Array, core: str, input_size: int, hidden_size: int) -> Params:
+  """Weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LSTM forget bias 1."""
+  gates = 4 if core == 'lstm' else 1
+  kx, kh, kp = jax.random.split(key, 3)
+  fan_in = input_size + hidden_size
+  params = {
+      'w_x': _uniform(kx, (input_size, gates * hidden_size), fan_in),
+      'w_h': _uniform(kh, (hidden_size, gates * hidden_size), fan_in),
+      'b': jnp.zeros((gates * hidden_size,), jnp.float32),
+  }
+  if core == 'lstm':
+    params['b'] = params['b'].at[hidden_size:2 * hidden_size].set(1.0)
+    params['peephole'] = _uniform(kp, (3, hidden_size), hidden_size)
+  return params
+
+
+def lstm_step(params: Params, state: CoreState, x_BxI: Array
+              ) -> tuple[CoreState, Array]:
+  """The LSTM of Graves (2013), Eq. (7)-(11), *with* peephole connections
+  (diagonal w_ci, w_cf, w_co; the output gate peeks at the new cell):
+
+    i = sig(W_xi x + W_hi h + w_ci * c + b_i)
+    f = sig(W_xf x + W_hf h + w_cf * c + b_f)
+    c' = f * c + i * tanh(W_xc x + W_hc h + b_c)
+    o = sig(W_xo x + W_ho h + w_co * c' + b_o)
+    h' = o * tanh(c');   output y = h'.
+  """
+  h, c = state
+  z = _bias(x_BxI @ params['w_x'] + h @ params['w_h'], params['b'])
+  zi, zf, zc, zo = jnp.split(z, 4, axis=-1)
+  w_ci, w_cf, w_co = params['peephole'][:, None, :]   # Each [1, H].
+  i = jax.nn.sigmoid(zi + w_ci * c)
+  f = jax.nn.sigmoid(zf + w_cf * c)
+  c_new = f * c + i * jnp.tanh(zc)
+  o = jax.nn.sigmoid(zo + w_co * c_new)
+  h_new = o * jnp.tanh(c_new)
+  return (h_new, c_new), h_new
+
+
+def rnn_step(params: Params, state: CoreState, x_BxI: Array
+             ) -> tuple[CoreState, Array]:
+  """Vanilla RNN: h' = tanh(W_x x + W_h h + b); y = h'."""
+  (h,) = state
+  h_new = jnp.tanh(_bias(x_BxI @ params['w_x'] + h @ params['w_h'],
+                         params['b']))
+  return (h_new,), h_new
+
+
+def leaky_rnn_step(params: Params, state: CoreState, x_BxI: Array, leak: float
+                   ) -> tuple[CoreState, Array]:
+  """Leaky RNN (Sec. 3.2's ref. [17]): h' = (1 - a) h + a tanh(W_x x + W_h h + b)."""
+  (h,) = state
+  pre = jnp.tanh(_bias(x_BxI @ params['w_x'] + h @ params['w_h'],
+                       params['b']))
+  h_new = (1.0 - leak) * h + leak * pre
+  return (h_new,), h_new
+
+
+def core_step_fn(config: RecurrentConfig) -> Callable:
+  if config.core == 'lstm':
+    return lstm_step
+  if config.core == 'rnn':
+    return rnn_step
+  return functools.partial(leaky_rnn_step, leak=config.leak)
+
+
+def zero_state(config: RecurrentConfig, batch_size: int) -> CoreState:
+  return tuple(jnp.zeros((batch_size, config.hidden_size), jnp.float32)
+               for _ in range(config.num_state))
+
+
+def _as_features(config: RecurrentConfig, inputs: Array) -> Array:
+  if config.loss == 'categorical':
+    return jax.nn.one_hot(inputs, config.input_size, dtype=jnp.float32)
+  return inputs.astype(jnp.float32)
+
+
+def unroll(config: RecurrentConfig, core_params: Params, state0: CoreState,
+           inputs: Array, resets_BxT: Array
+           ) -> tuple[CoreState, Array, tuple[Array, ...]]:
+  """Runs the core over T steps with `lax.scan`.
+
+  Returns (s_T, outputs y f32[B, T, H], states: each f32[B, T, H], the state
+  after every step). Where resets[b, t] = 1 the state of stream b is zeroed
+  before step t (a new episode), so no gradient crosses the episode boundary.
+  """
+  step = core_step_fn(config)
+  x_TxBxI = jnp.swapaxes(_as_features(config, inputs), 0, 1)
+  r_TxB = jnp.swapaxes(resets_BxT, 0, 1)
+
+  def body(state, xr):
+    x_BxI, r_B = xr
+    state = tuple(s * (1.0 - r_B[:, None]) for s in state)
+    state, y = step(core_params, state, x_BxI)
+    return state, (y, state)
+
+  state_T, (y_TxBxH, states) = jax.lax.scan(body, state0, (x_TxBxI, r_TxB))
+  return (state_T, jnp.swapaxes(y_TxBxH, 0, 1),
+          tuple(jnp.swapaxes(s, 0, 1) for s in states))
+
+
+# ---------------------------------------------------------------------------
+# Heads: readout, synthetic-gradient model M, aux model A.
+# ---------------------------------------------------------------------------
+
+def _init_mlp(key: Array, hidden_size: int, out_size: int) -> Params:
+  """A.3: one hidden layer as wide as the core; final layer zero-initialised
+  (as A.1), so a new model emits exactly zero synthetic gradients."""
+  return {'w1': _uniform(key, (hidden_size, hidden_size), hidden_size),
+          'b1': jnp.zeros((hidden_size,), jnp.float32),
+          'w2': jnp.zeros((hidden_size, out_size), jnp.float32),
+          'b2': jnp.zeros((out_size,), jnp.float32)}
+
+
+def mlp_apply(params: Params, y: Array) -> Array:
+  """M(y) (or A(y)) on [..., H] -> [..., sg_size]: linear -> ReLU -> linear."""
+  hidden = jax.nn.relu(_bias(y @ params['w1'], params['b1']))
+  return _bias(hidden @ params['w2'], params['b2'])
+
+
+def split_state(config: RecurrentConfig, flat: Array) -> CoreState:
+  """[..., num_state * H] -> (h, c) or (h,), matching the core state."""
+  return tuple(jnp.split(flat, config.num_state, axis=-1))
+
+
+def flatten_state(state: CoreState) -> Array:
+  return jnp.concatenate(state, axis=-1)
+
+
+def init_params(config: RecurrentConfig, key: Array) -> Params:
+  k_core, k_out, k_sg, k_aux = jax.random.split(key, 4)
+  params = {
+      'core': init_core(k_core, config.core, config.input_size,
+                        config.hidden_size),
+      'readout': {'w': _uniform(k_out, (config.hidden_size, config.output_size),
+                                config.hidden_size),
+                  'b': jnp.zeros((config.output_size,), jnp.float32)},
+  }
+  if config.method in ('dni', 'dni_aux'):
+    params['sg'] = _init_mlp(k_sg, config.hidden_size, config.sg_size)
+  if config.method == 'dni_aux':
+    params['aux'] = _init_mlp(k_aux, config.hidden_size, config.sg_size)
+  return params
+
+
+def step_losses(config: RecurrentConfig, readout: Params, y: Array,
+                targets: Array) -> Array:
+  """Per-step loss in nats, [...]: summed over the output bits (bernoulli) or
+  softmax cross-entropy (categorical)."""
+  logits = _bias(y @ readout['w'], readout['b'])
+  if config.loss == 'categorical':
+    log_probs = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, targets), axis=-1)
+
+
+def unroll_loss(config: RecurrentConfig, params: Params, state0: CoreState,
+                chunk: Chunk) -> tuple[tuple[Array, CoreState],
+                                       tuple[Array, tuple[Array, ...]]]:
+  """((L, s_T), (y, states)): L = (1/B) sum_b sum_t mask * loss, in nats."""
+  state_T, y, states = unroll(config, params['core'], state0, chunk.inputs,
+                              chunk.resets)
+  losses = step_losses(config, params['readout'], y, chunk.targets)
+  loss = jnp.sum(losses * chunk.mask) / chunk.mask.shape[0]
+  return (loss, state_T), (y, states)
+
+
+# ---------------------------------------------------------------------------
+# The truncated-BPTT / DNI step.
+# ---------------------------------------------------------------------------
+
+class UnrollGradients(NamedTuple):
+  grads: Params              # of L + <delta_T, s_T>/B w.r.t. core and readout.
+  initial_state_grad: CoreState  # per example, B * d(...)/ds_0: M's target.
+  loss: Array                # L (nats, batch mean, summed over the T steps).
+  final_state: CoreState     # s_T.
+  outputs: Array             # y, f32[B, T, H].
+  states: tuple[Array, ...]  # the state after every step, each f32[B, T, H].
+
+
+def unroll_gradients(config: RecurrentConfig, params: Params,
+                     state0: CoreState, chunk: Chunk,
+                     boundary_grad: CoreState | Callable) -> UnrollGradients:
+  """Eq. (3): sum_t dL_t/dtheta + delta_T ds_T/dtheta, from one vjp.
+
+  `boundary_grad` is delta_T (per example, one array per state tensor), or a
+  function of the unroll's outputs y [B, T, H] returning it (DNI: M(y_T),
+  computed from the same forward pass).
+  """
+  batch_size = chunk.mask.shape[0]
+  trainable = {'core': params['core'], 'readout': params['readout']}
+  fn = lambda p, s0: unroll_loss(config, p, s0, chunk)
+  (loss, state_T), vjp_fn, (y, states) = jax.vjp(fn, trainable, state0,
+                                                 has_aux=True)
+  delta_T = boundary_grad(y) if callable(boundary_grad) else boundary_grad
+  delta_T = jax.lax.stop_gradient(tuple(delta_T))
+  grads, grad_s0 = vjp_fn((jnp.ones_like(loss),
+                           tuple(d / batch_size for d in delta_T)))
+  return UnrollGradients(
+      grads=grads,
+      initial_state_grad=tuple(g * batch_size for g in grad_s0),
+      loss=loss, final_state=state_T, outputs=y, states=states)
+
+
+def dni_losses(config: RecurrentConfig, params: Params, carry: Carry,
+               sg_target: CoreState, outputs: Array
+               ) -> tuple[Array, tuple[Array, Array]]:
+  """The synthetic-gradient loss for the previous boundary, and (DNI+Aux) the
+  aux loss for the previous unroll, from the K replayed steps (Fig. 4).
+
+  `sg_target`: this unroll's per-example gradient w.r.t. s_0. `outputs`: this
+  unroll's y; M(y_t) is the aux target for the previous unroll's step t
+  (t + T steps later). Both losses are L2 (`interface.synthetic_gradient_loss`),
+  weight 1; the aux loss is averaged over the T steps. Both are zero until a
+  previous boundary exists.
+  """
+  core_params = params['core']
+  if config.method == 'dni' and not config.sg_into_core:
+    core_params = jax.lax.stop_gradient(core_params)
+  _, y_rep, _ = unroll(config, core_params, carry.replay_start,
+                       carry.replay_inputs, carry.replay_resets)
+  y_boundary = y_rep[:, -1]
+  if not config.sg_into_core:
+    y_boundary = jax.lax.stop_gradient(y_boundary)
+  sg_loss = carry.valid * interface.synthetic_gradient_loss(
+      mlp_apply(params['sg'], y_boundary), flatten_state(sg_target))
+  aux_loss = jnp.zeros((), jnp.float32)
+  if config.method == 'dni_aux':
+    targets = jax.lax.stop_gradient(mlp_apply(params['sg'], outputs))
+    predictions = mlp_apply(params['aux'], y_rep)
+    per_step = jax.vmap(interface.synthetic_gradient_loss, in_axes=1)(
+        predictions, targets)
+    aux_loss = carry.valid * jnp.mean(per_step)
+  return sg_loss + aux_loss, (sg_loss, aux_loss)
+
+
+def make_optimizer(config: RecurrentConfig) -> optax.GradientTransformation:
+  return optax.adam(config.learning_rate)
+
+
+def init_carry(config: RecurrentConfig, batch_size: int, example_inputs: Array
+               ) -> Carry:
+  """Zero state; `example_inputs` [B, T, ...] gives the replay buffer's type."""
+  k = config.replay_length
+  if k == 0:   # Truncated BPTT keeps nothing of the previous unroll.
+    return Carry(zero_state(config, batch_size), None, None, None,
+                 jnp.zeros((), jnp.float32))
+  return Carry(
+      core=zero_state(config, batch_size),
+      replay_start=zero_state(config, batch_size),
+      replay_inputs=jnp.zeros((batch_size, k) + example_inputs.shape[2:],
+                              example_inputs.dtype),
+      replay_resets=jnp.zeros((batch_size, k), jnp.float32),
+      valid=jnp.zeros((), jnp.float32))
+
+
+def init_state(config: RecurrentConfig, key: Array, batch_size: int,
+               example_inputs: Array) -> RecurrentState:
+  params = init_params(config, key)
+  return RecurrentState(params=params,
+                    opt_state=make_optimizer(config).init(params),
+                    carry=init_carry(config, batch_size, example_inputs),
+                    step=jnp.zeros((), jnp.int32))
+
+
+def train_step(config: RecurrentConfig, state: RecurrentState, chunk: Chunk
+               ) -> tuple[RecurrentState, dict[str, Array]]:
+  """One unroll of T steps and one Adam update (Fig. 4)."""
+  params, carry = state.params, state.carry
+  decoupled = config.method in ('dni', 'dni_aux')
+  if decoupled:
+    boundary = lambda y: tuple(
+        config.sg_scale * d for d in split_state(
+            config, mlp_apply(params['sg'], y[:, -1])))
+  else:  # Truncated BPTT: delta_T = 0.
+    boundary = tuple(jnp.zeros_like(s) for s in carry.core)
+  out = unroll_gradients(config, params, carry.core, chunk, boundary)
+  grads = dict(out.grads)
+  sg_loss = aux_loss = jnp.zeros((), jnp.float32)
+  if decoupled:
+    dni_grads, (sg_loss, aux_loss) = jax.grad(
+        lambda p: dni_losses(config, p, carry, out.initial_state_grad,
+                             out.outputs), has_aux=True)(params)
+    grads = dict(dni_grads)   # sg, aux; its readout gradient is zero.
+    grads['core'] = jax.tree.map(jnp.add, dni_grads['core'], out.grads['core'])
+    grads['readout'] = out.grads['readout']
+  updates, opt_state = make_optimizer(config).update(grads, state.opt_state,
+                                                     params)
+  params = optax.apply_updates(params, updates)
+
+  # Keep the last K steps for the next step's synthetic-gradient/aux losses.
+  k = config.replay_length
+  t = chunk.mask.shape[1]
+  if k == 0:
+    new_carry = carry._replace(core=out.final_state,
+                               valid=jnp.ones((), jnp.float32))
+  else:
+    replay_start = (carry.core if k == t else
+                    tuple(s[:, t - k - 1] for s in out.states))
+    new_carry = Carry(core=out.final_state, replay_start=replay_start,
+                      replay_inputs=chunk.inputs[:, t - k:],
+                      replay_resets=chunk.resets[:, t - k:],
+                      valid=jnp.ones((), jnp.float32))
+  count = jnp.maximum(jnp.sum(chunk.mask), 1.0)
+  metrics = {
+      'loss': out.loss,
+      # Bits per scored step (per character on PTB, per output step on copy).
+      'bits': out.loss * chunk.mask.shape[0] / count / math.log(2.0),
+      'sg_loss': sg_loss,
+      'aux_loss': aux_loss,
+      'grad_norm': optax.tree.norm(grads),
+  }
+  return RecurrentState(params, opt_state, new_carry, state.step + 1), metrics
+
+
+def evaluate_chunk(config: RecurrentConfig, params: Params, state0: CoreState,
+                   chunk: Chunk) -> tuple[CoreState, dict[str, Array]]:
+  """Forward only: (s_T, {'loss_sum' in nats, 'count' of scored steps})."""
+  state_T, y, _ = unroll(config, params['core'], state0, chunk.inputs,
+                         chunk.resets)
+  losses = step_losses(config, params['readout'], y, chunk.targets)
+  return state_T, {'loss_sum': jnp.sum(losses * chunk.mask),
+                   'count': jnp.sum(chunk.mask)}
+
+
+class Recurrent(NamedTuple):
+  """Jitted functions of one configuration (unjitted ones are module-level)."""
+  config: RecurrentConfig
+  init: Callable[[Array, int, Array], RecurrentState]
+  train_step: Callable[[RecurrentState, Chunk], tuple[RecurrentState, dict]]
+  evaluate_chunk: Callable[[Params, CoreState, Chunk], tuple[CoreState, dict]]
+
+
+def validate_config(config: RecurrentConfig) -> None:
+  def bad(field, msg):
+    raise ValueError(f'{field}={getattr(config, field)!r}: {msg}')
+  if config.core not in CORES:
+    bad('core', f'must be one of {", ".join(CORES)}')
+  if config.method not in METHODS:
+    bad('method', f'must be one of {", ".join(METHODS)}')
+  if config.loss not in LOSSES:
+    bad('loss', f'must be one of {", ".join(LOSSES)}')
+  for field in ('input_size', 'output_size', 'hidden_size', 'unroll'):
+    if getattr(config, field) < 1:
+      bad(field, 'must be a positive integer')
+  if not (config.sg_scale > 0 and math.isfinite(config.sg_scale)):
+    bad('sg_scale', 'must be a positive finite number')
+  if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+    bad('learning_rate', 'must be a positive finite number')
+  if not 0 < config.leak <= 1:
+    bad('leak', 'must be in (0, 1]')
+
+
+def make_recurrent(config: RecurrentConfig) -> Recurrent:
+  """Validates `config` and returns its jitted init / train / eval functions.
+
+  The train step donates its state (the carry and parameters are replaced).
+  """
+  validate_config(config)
+  return Recurrent(
+      config=config,
+      init=lambda key, batch_size, example_inputs: init_state(
+          config, key, batch_size, example_inputs),
+      train_step=jax.jit(functools.partial(train_step, config),
+                         donate_argnums=0),
+      evaluate_chunk=jax.jit(functools.partial(evaluate_chunk, config)))

@@ -1,0 +1,414 @@
+"""Recurrent experiments (Sec. 3.2, A.3) behind `scripts/train_rnn.py`:
+settings in, workdir out.
+
+The loop is `training.fit`'s contract (config.json, metrics.jsonl with `step`,
+result.json written last and atomically, orbax checkpoints, resume, stop on a
+signal) with what recurrent training adds: the carried RNN state, the position
+in the data stream and the curriculum level live in the checkpoint.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dni_jax import recurrent
+from dni_jax import rnn_tasks
+from dni_jax import training
+from dni_jax.data import ptb
+
+TASKS = ('copy', 'repeat_copy', 'ptb')
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentExperiment:
+  """Everything `scripts/train_rnn.py` sets; validated on construction."""
+  workdir: str
+  task: str = 'ptb'
+  data_dir: str | None = None          # PTB only: ptb.char.*.txt.
+  core: str = 'lstm'
+  hidden_size: int | None = None       # None: A.3, 256 (copy tasks), 1024 (PTB).
+  unroll: int = 5
+  method: str = 'dni'
+  sg_scale: float | None = None        # None: 0.1 (A.3); DNI only.
+  sg_into_core: bool = False
+  learning_rate: float = 7e-5          # A.3.
+  batch_size: int = 256                # A.3.
+  num_steps: int = 500_000
+  eval_every: int | None = None        # None: 5000 (PTB, A.3), 200 (copy tasks).
+  log_every: int = 100
+  checkpoint_every: int = 5000
+  patience: int | None = None          # PTB: evaluations without improvement.
+  eval_rows: int | None = None         # PTB: streams the eval text is cut
+                                       # into (None: 64).
+  seed: int = 0
+  overwrite: bool = False
+
+  def __post_init__(self):
+    def bad(flag, msg):
+      raise ValueError(f'--{flag}={getattr(self, flag)}: {msg}')
+    if not self.workdir:
+      raise ValueError('--workdir is required')
+    if self.task not in TASKS:
+      bad('task', f'must be one of {", ".join(TASKS)}')
+    if self.core not in recurrent.CORES:
+      bad('core', f'must be one of {", ".join(recurrent.CORES)}')
+    if self.method not in recurrent.METHODS:
+      bad('method', f'must be one of {", ".join(recurrent.METHODS)}')
+    for flag in ('hidden_size', 'unroll', 'batch_size', 'num_steps',
+                 'eval_every', 'log_every', 'checkpoint_every', 'patience',
+                 'eval_rows'):
+      value = getattr(self, flag)
+      if value is not None and value < 1:
+        bad(flag, 'must be a positive integer')
+    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+      bad('learning_rate', 'must be a positive finite number')
+    if self.sg_scale is not None and not (
+        self.sg_scale > 0 and math.isfinite(self.sg_scale)):
+      bad('sg_scale', 'must be a positive finite number')
+    if self.method == 'bptt' and (self.sg_scale is not None
+                                  or self.sg_into_core):
+      raise ValueError('--sg_scale/--sg_into_core need synthetic gradients; '
+                       'use --method=dni or dni_aux (got --method=bptt)')
+    if self.task != 'ptb':
+      if self.data_dir is not None:
+        raise ValueError(f'--data_dir is for --task=ptb (got --task={self.task})')
+      if self.patience is not None:
+        raise ValueError(f'--patience is for --task=ptb (early stopping on '
+                         f'validation); got --task={self.task}')
+      if self.eval_rows is not None:
+        raise ValueError(f'--eval_rows is for --task=ptb; got '
+                         f'--task={self.task}')
+    if self.seed < 0:
+      bad('seed', 'must be >= 0')
+
+  @property
+  def resolved(self) -> dict[str, Any]:
+    return {
+        'hidden_size': self.hidden_size or (1024 if self.task == 'ptb' else 256),
+        'sg_scale': (None if self.method == 'bptt'
+                     else (0.1 if self.sg_scale is None else self.sg_scale)),
+        'eval_every': self.eval_every or (5000 if self.task == 'ptb' else 200),
+        'patience': (self.patience or 3) if self.task == 'ptb' else None,
+        'eval_rows': (self.eval_rows or 64) if self.task == 'ptb' else None,
+    }
+
+  def config_record(self) -> dict[str, Any]:
+    record = dataclasses.asdict(self)
+    record.update(self.resolved)
+    del record['overwrite']
+    return record
+
+  def model_config(self, input_size: int, output_size: int, loss: str
+                   ) -> recurrent.RecurrentConfig:
+    r = self.resolved
+    return recurrent.RecurrentConfig(
+        core=self.core, input_size=input_size, output_size=output_size,
+        hidden_size=r['hidden_size'], unroll=self.unroll, method=self.method,
+        loss=loss, sg_scale=r['sg_scale'] or 0.1,
+        sg_into_core=self.sg_into_core, learning_rate=self.learning_rate)
+
+
+# ---------------------------------------------------------------------------
+# Tasks: data stream, evaluation, and what they keep in the checkpoint.
+# ---------------------------------------------------------------------------
+
+class _CopyTask:
+  """Copy / Repeat Copy stream with the curriculum (A.3)."""
+
+  def __init__(self, exp: RecurrentExperiment):
+    self.exp = exp
+    self.task = exp.task
+    level = rnn_tasks.first_level(self.task)
+    stream = rnn_tasks.first_stream_state(self.task)
+    self.host = {'level': np.asarray(level, np.int64),
+                 'stream': np.asarray(stream, np.int64),
+                 'max_task_length': np.asarray(0, np.int64),
+                 'solved_samples': np.asarray(0, np.int64),
+                 'samples': np.asarray(0, np.int64)}
+
+  def sizes(self):
+    return (rnn_tasks.INPUT_SIZE[self.task], rnn_tasks.OUTPUT_SIZE, 'bernoulli')
+
+  def example_inputs(self) -> np.ndarray:
+    return np.zeros((self.exp.batch_size, self.exp.unroll,
+                     rnn_tasks.INPUT_SIZE[self.task]), np.float32)
+
+  @property
+  def level(self) -> rnn_tasks.Level:
+    return rnn_tasks.Level(*map(int, self.host['level']))
+
+  def chunk(self, step: int) -> recurrent.Chunk:
+    del step  # The stream position is in self.host.
+    arrays, stream = rnn_tasks.stream_chunk(
+        self.task, self.exp.seed, self.exp.batch_size,
+        rnn_tasks.StreamState(*map(int, self.host['stream'])), self.level,
+        self.exp.unroll)
+    self.host['stream'] = np.asarray(stream, np.int64)
+    self.host['samples'] = self.host['samples'] + arrays[2].size
+    return recurrent.Chunk(*arrays)
+
+  def evaluate(self, rec: recurrent.Recurrent, params) -> dict[str, Any]:
+    """Bits error at the current level; advances the curriculum if solved."""
+    level = self.level
+    eps = rnn_tasks.eval_episodes(self.task, self.exp.seed,
+                                  self.exp.batch_size, level)
+    resets = np.zeros(eps.mask.shape, np.float32)
+    state0 = recurrent.zero_state(rec.config, eps.mask.shape[0])
+    _, sums = rec.evaluate_chunk(params, state0, recurrent.Chunk(
+        eps.inputs, eps.targets, eps.mask, resets))
+    sums = jax.device_get(sums)
+    bits = float(sums['loss_sum']) / float(sums['count']) / LN2
+    row = {'bits_error': round(bits, 5), 'n': level.n, 'r': level.r,
+           'task_length': rnn_tasks.task_length(self.task, level),
+           'samples_seen': int(self.host['samples'])}
+    if bits < rnn_tasks.SOLVED_BITS:
+      row['solved'] = True
+      self.host['max_task_length'] = np.asarray(row['task_length'], np.int64)
+      self.host['solved_samples'] = self.host['samples'].copy()
+      self.host['level'] = np.asarray(rnn_tasks.next_level(self.task, level),
+                                      np.int64)
+      logging.info('solved T_task=%d (N=%d, R=%d) after %d samples; next '
+                   'N=%d, R=%d', row['task_length'], level.n, level.r,
+                   row['samples_seen'], *self.level[:2])
+    return row
+
+  def should_stop(self) -> bool:
+    return False
+
+  def result(self) -> dict[str, Any]:
+    level = self.level
+    return {'max_task_length': int(self.host['max_task_length']),
+            'samples_seen': int(self.host['solved_samples']),
+            'total_samples': int(self.host['samples']),
+            'final_level': {'n': level.n, 'r': level.r},
+            'episode_length_at_max': None if level.advances == 0 else
+            rnn_tasks.episode_length(
+                self.task, *_previous_nr(self.task, level))}
+
+
+def _previous_nr(task: str, level: rnn_tasks.Level) -> tuple[int, int]:
+  level0 = rnn_tasks.first_level(task)
+  prev = level0
+  for _ in range(level.advances - 1):
+    prev = rnn_tasks.next_level(task, prev)
+  return prev.n, prev.r
+
+
+class _PtbTask:
+  """Character-level PTB: contiguous training rows, full valid/test streams,
+  early stopping on validation BPC (A.3)."""
+
+  SEGMENT = 500
+
+  def __init__(self, exp: RecurrentExperiment):
+    self.exp = exp
+    self.data = ptb.load_ptb(exp.data_dir)
+    self.vocab = self.data['train'].vocab
+    self.rows = ptb.train_rows(self.data['train'].ids, exp.batch_size)
+    ptb.train_chunk(self.rows, 0, exp.unroll)   # Fails early if too short.
+    logging.info('PTB characters: train %d, valid %d, test %d; vocabulary %d',
+                 *(self.data[s].ids.shape[0] for s in ptb.SPLITS),
+                 len(self.vocab))
+    self.host = {'best_valid_bpc': np.asarray(np.inf, np.float64),
+                 'test_bpc_at_best': np.asarray(np.nan, np.float64),
+                 'best_step': np.asarray(0, np.int64),
+                 'evals_since_best': np.asarray(0, np.int64)}
+
+  def sizes(self):
+    return len(self.vocab), len(self.vocab), 'categorical'
+
+  def example_inputs(self) -> np.ndarray:
+    return np.zeros((self.exp.batch_size, self.exp.unroll), np.int32)
+
+  def chunk(self, step: int) -> recurrent.Chunk:
+    return recurrent.Chunk(*ptb.train_chunk(self.rows, step, self.exp.unroll))
+
+  def bpc(self, rec: recurrent.Recurrent, params, split: str) -> float:
+    rows = self.exp.resolved['eval_rows']
+    state = recurrent.zero_state(rec.config, rows)
+    totals = None
+    for seg in ptb.eval_segments(self.data[split].ids, rows,
+                                 self.SEGMENT):
+      state, sums = rec.evaluate_chunk(params, state, recurrent.Chunk(*seg))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    return float(totals['loss_sum']) / float(totals['count']) / LN2
+
+  def evaluate(self, rec: recurrent.Recurrent, params, step: int
+               ) -> dict[str, Any]:
+    valid = self.bpc(rec, params, 'valid')
+    row = {'valid_bpc': round(valid, 5)}
+    if valid < float(self.host['best_valid_bpc']):
+      # A.3: keep the network with the lowest validation BPC; its test BPC
+      # is the reported one.
+      test = self.bpc(rec, params, 'test')
+      row['test_bpc'] = round(test, 5)
+      self.host.update(best_valid_bpc=np.asarray(valid, np.float64),
+                       test_bpc_at_best=np.asarray(test, np.float64),
+                       best_step=np.asarray(step, np.int64),
+                       evals_since_best=np.asarray(0, np.int64))
+    else:
+      self.host['evals_since_best'] = self.host['evals_since_best'] + 1
+    return row
+
+  def should_stop(self) -> bool:
+    return int(self.host['evals_since_best']) >= self.exp.resolved['patience']
+
+  def result(self) -> dict[str, Any]:
+    return {'best_valid_bpc': round(float(self.host['best_valid_bpc']), 5),
+            'test_bpc': round(float(self.host['test_bpc_at_best']), 5),
+            'best_step': int(self.host['best_step']),
+            'vocab_size': len(self.vocab)}
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------
+
+class _StopRequested(Exception):
+  pass
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+  for name in ('loss', 'sg_loss', 'aux_loss', 'grad_norm'):
+    if not np.isfinite(metrics[name]):
+      raise training.TrainingError(
+          f'non-finite {name} at step {step}; stopped, the last good '
+          'checkpoint is kept')
+
+
+def train_recurrent(exp: RecurrentExperiment) -> dict:
+  """Runs (or resumes) one recurrent experiment; returns result.json's dict."""
+  status = training.prepare_workdir(exp.workdir, exp.config_record(),
+                                    exp.overwrite)
+  if status == 'finished':
+    logging.info('%s already holds a finished run; nothing to do', exp.workdir)
+    with open(os.path.join(exp.workdir, training.RESULT_FILE)) as f:
+      return json.load(f)
+  task = _PtbTask(exp) if exp.task == 'ptb' else _CopyTask(exp)
+  rec = recurrent.make_recurrent(exp.model_config(*task.sizes()))
+  eval_every = exp.resolved['eval_every']
+
+  zero = np.zeros((), np.float64)
+  payload = {'state': rec.init(jax.random.key(exp.seed), exp.batch_size,
+                               jnp.asarray(task.example_inputs())),
+             'task': dict(task.host), 'train_bits_sum': zero,
+             'train_bits_count': zero, 'train_time': zero}
+  training.quiet_orbax_logging()
+  checkpointer = training.Checkpointer(exp.workdir)
+  start_step, restored = checkpointer.restore_latest(
+      payload)
+  if restored is not None:
+    payload = restored
+    logging.info('resumed from %s/%d', checkpointer.directory, start_step)
+  state = payload['state']
+  task.host = {k: np.asarray(v) for k, v in payload['task'].items()}
+  bits_sum = float(payload['train_bits_sum'])
+  bits_count = float(payload['train_bits_count'])
+  train_time = float(payload['train_time'])
+  metrics_log = training.MetricsLog(exp.workdir, start_step)
+
+  stop = {'signal': None}
+  def on_signal(signum, frame):
+    del frame
+    stop['signal'] = signum
+  previous = {s: signal.signal(s, on_signal)
+              for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def save(step):
+    checkpointer.save(step, {
+        'state': state, 'task': dict(task.host),
+        'train_bits_sum': np.asarray(bits_sum, np.float64),
+        'train_bits_count': np.asarray(bits_count, np.float64),
+        'train_time': np.asarray(train_time, np.float64)})
+
+  step = start_step
+  t_last, step_last = time.perf_counter(), start_step
+  timed_time, timed_steps = 0.0, 0
+  pending = []   # Device metrics since the last log, fetched together.
+  early_stopped = False
+  try:
+    while step < exp.num_steps:
+      state, metrics = rec.train_step(state, task.chunk(step))
+      pending.append(metrics['bits'])
+      step += 1
+      is_eval = step % eval_every == 0 or step == exp.num_steps
+      is_ckpt = step % exp.checkpoint_every == 0 or step == exp.num_steps
+      if step % exp.log_every == 0 or is_eval or is_ckpt:
+        fetched = jax.device_get(metrics)
+        _check_finite(fetched, step)
+        bits_sum += float(np.sum(jax.device_get(pending)))
+        bits_count += len(pending)
+        pending = []
+        now = time.perf_counter()
+        train_time += now - t_last
+        if step_last > start_step or step == exp.num_steps:
+          timed_time += now - t_last     # Skips the compile interval.
+          timed_steps += step - step_last
+        rate = (step - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, step
+        logging.info('step %d/%d  loss %.4f  bits %.4f  sg_loss %.3g  '
+                     '%.1f steps/s  ETA %s', step, exp.num_steps,
+                     float(fetched['loss']), float(fetched['bits']),
+                     float(fetched['sg_loss']), rate,
+                     training._format_seconds(  # pylint: disable=protected-access
+                         (exp.num_steps - step) / max(rate, 1e-9)))
+      if is_eval:
+        row = {'step': step,
+               'train_bits': round(bits_sum / max(bits_count, 1.0), 5),
+               'train_time': round(train_time, 3),
+               'samples_seen': step * exp.batch_size * exp.unroll,
+               'sg_loss': float(fetched['sg_loss']),
+               'aux_loss': float(fetched['aux_loss'])}
+        if exp.task == 'ptb':
+          row.update(task.evaluate(rec, state.params, step))
+        else:
+          row.update(task.evaluate(rec, state.params))
+        metrics_log.append(row)
+        logging.info('eval %s', row)
+        bits_sum, bits_count = 0.0, 0.0
+        t_last = time.perf_counter()   # Evaluation is not training time.
+        if task.should_stop():
+          early_stopped = True
+          logging.info('validation BPC has not improved for %d evaluations: '
+                       'early stop at step %d', exp.resolved['patience'], step)
+          save(step)
+          break
+      if is_ckpt:
+        save(step)
+        t_last = time.perf_counter()
+      if stop['signal'] is not None:
+        raise _StopRequested()
+  except _StopRequested:
+    save(step)
+    checkpointer.close()
+    raise training.TrainingError(
+        f'stopped by signal {stop["signal"]} at step {step}; checkpoint '
+        'saved, rerun the same command to resume')
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  checkpointer.close()
+
+  result = {'task': exp.task, 'method': exp.method, 'core': exp.core,
+            'unroll': exp.unroll,
+            'hidden_size': exp.resolved['hidden_size'],
+            'num_steps': step, 'early_stopped': early_stopped,
+            'train_time': round(train_time, 3),
+            'steps_per_sec': (timed_steps / timed_time) if timed_time > 0
+            else None,
+            'device': jax.devices()[0].device_kind}
+  result.update(task.result())
+  training.write_json_atomic(os.path.join(exp.workdir, training.RESULT_FILE),
+                             result)
+  return result

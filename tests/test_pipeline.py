@@ -1,0 +1,343 @@
+"""The decoupled pipeline and the backprop pipeline against sequential references.
+
+Fake CPU devices (conftest: 4) stand in for the stage devices.
+"""
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dni_jax
+from dni_jax import benchmarking
+from dni_jax import experiments
+from dni_jax import feedforward as ff_lib
+from dni_jax import interface
+from dni_jax import pipeline as pl
+
+B = 16
+
+
+def dni_config(dni_layers=(1, 2), method='cdni', model='fcn', **kw):
+  args = dict(input_shape=(4, 4, 1), num_classes=10, num_layers=4,
+              hidden_size=8, method=method, model=model,
+              sg_hidden_layers=1 if method == 'dni' else 0, sg_hidden_size=16,
+              learning_rate=1e-2, lr_boundaries=(), dni_layers=dni_layers)
+  if model == 'cnn':
+    args.update(input_shape=(8, 8, 1), hidden_size=4)
+  args.update(kw)
+  return dni_jax.FeedForwardConfig(**args)
+
+
+def batch(seed):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  shape = (B, 4, 4, 1)
+  return jax.random.uniform(k1, shape), jax.random.randint(k2, (B,), 0, 10)
+
+
+@functools.lru_cache(maxsize=None)
+def make(config, num_stages):
+  return pl.make_pipeline(config, pl.stage_mesh(num_stages), B)
+
+
+def reference_tick(pipe, state, images, labels):
+  """The same per-module functions, one stage after another on the stale
+  inputs the pipeline holds: what one pipeline tick must compute."""
+  modules, layout = pipe.modules, pipe.layout
+  S = len(layout.stages)
+  ff_state = pipe.to_feedforward(state)
+  layers = list(ff_state.layers)
+  synthetic = list(ff_state.synthetic)
+  head, outputs, targets, loss = ff_state.head, [], [None] * S, None
+  for s, stage in enumerate(layout.stages):
+    if s == 0:
+      x, y = images, labels
+    else:
+      x = state.inputs[s].reshape((B,) + layout.input_shapes[s])
+      y = state.input_labels[s]
+    block = tuple(ff_state.layers[i] for i in stage)
+    if s < S - 1:
+      new, outs, grad_x, _ = ff_lib.block_update(
+          modules, stage, block, ff_state.synthetic[s], x,
+          ff_lib.context_for(modules, y))
+      outputs.append(outs[-1])
+    else:
+      new, head, _, grad_x, loss, _ = ff_lib.top_block_update(
+          modules, stage, block, ff_state.head, x, y)
+    for i, layer_state in zip(stage, new):
+      layers[i] = layer_state
+    targets[s] = grad_x
+  for s in range(S - 1):
+    h = state.outputs[s].reshape((B,) + layout.output_shapes[s])
+    synthetic[s], _ = ff_lib.synthetic_update(
+        modules, ff_state.synthetic[s], h,
+        ff_lib.context_for(modules, state.output_labels[s]), targets[s + 1])
+  new_state = ff_state._replace(layers=tuple(layers), head=head,
+                                synthetic=tuple(synthetic))
+  return new_state, outputs, loss
+
+
+@pytest.mark.parametrize('method,dni_layers,model', [
+    ('cdni', (1, 2, 3), 'fcn'), ('dni', (1,), 'cnn')])
+def test_pipeline_tick_equals_sequential_reference(method, dni_layers, model):
+  config = dni_config(dni_layers, method, model)
+  S = len(config.blocks)
+  pipe = make(config, S)
+  state = pipe.init(jax.random.key(0))
+  for seed in range(S + 1):   # Fill the pipeline and move every module.
+    images, labels = batch(seed)
+    if model == 'cnn':
+      images = jax.random.uniform(jax.random.key(seed), (B, 8, 8, 1))
+    state, _ = pipe.tick(state, images, labels)
+  assert bool(jnp.all(state.input_valid[1:]))
+  expected, outputs, loss = jax.jit(functools.partial(reference_tick, pipe))(
+      state, images, labels)
+  new_state, metrics = pipe.tick(state, images, labels)
+  chex.assert_trees_all_close(pipe.to_feedforward(new_state),
+                              expected._replace(step=expected.step + 1),
+                              rtol=2e-5, atol=2e-6)
+  for s, h in enumerate(outputs):   # h goes up one stage, labels with it.
+    np.testing.assert_allclose(
+        new_state.inputs[s + 1].reshape(h.shape), h, rtol=2e-5, atol=2e-6)
+  np.testing.assert_array_equal(new_state.input_labels[1], labels)
+  np.testing.assert_allclose(metrics['loss'], loss, rtol=2e-5)
+
+
+def test_pipeline_fills_stage_by_stage_and_starts_from_ff_init():
+  config = dni_config()
+  pipe = make(config, 3)
+  state = pipe.init(jax.random.key(0))
+  ff = dni_jax.make_feedforward(config)
+  chex.assert_trees_all_equal(pipe.to_feedforward(state),
+                              ff.init(jax.random.key(0)))
+  start = pipe.to_feedforward(state)
+  images, labels = batch(0)
+  state, metrics = pipe.tick(state, images, labels)
+  np.testing.assert_array_equal(metrics['block_updated'], [True, False, False])
+  np.testing.assert_array_equal(metrics['sg_updated'], [False, False])
+  after = pipe.to_feedforward(state)
+  # Only stage 0 (layer 1) ran (its synthetic gradient starts at zero, so
+  # only its BatchNorm statistics move); the stages above had no input yet.
+  assert not np.allclose(after.layers[0].batch_stats['BatchNorm_0']['mean'],
+                         start.layers[0].batch_stats['BatchNorm_0']['mean'])
+  chex.assert_trees_all_equal(after.layers[1:], start.layers[1:])
+  chex.assert_trees_all_equal(after.head, start.head)
+  chex.assert_trees_all_equal(after.synthetic, start.synthetic)
+  assert float(metrics['loss']) == 0.0   # No batch has reached the top yet.
+  state, metrics = pipe.tick(state, *batch(1))
+  np.testing.assert_array_equal(metrics['block_updated'], [True, True, False])
+  np.testing.assert_array_equal(metrics['sg_updated'], [True, False])
+  state, metrics = pipe.tick(state, *batch(2))
+  np.testing.assert_array_equal(metrics['block_updated'], [True, True, True])
+  assert float(metrics['loss']) > 0
+
+
+def test_pipeline_learns_and_evaluates_like_the_network():
+  config = dni_config(learning_rate=3e-2)
+  pipe = make(config, 3)
+  ff = dni_jax.make_feedforward(config)
+  state = pipe.init(jax.random.key(1))
+  images, labels = batch(7)
+  images = images + jax.nn.one_hot(labels, 16).reshape(B, 4, 4, 1)
+  losses = []
+  for _ in range(60):
+    state, metrics = pipe.tick(state, images, labels)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.5 * losses[2]
+  chex.assert_trees_all_close(
+      pipe.eval_batch(state, images, labels),
+      ff.eval_batch(pipe.to_feedforward(state), images, labels))
+
+
+def test_pipeline_rejects_what_it_does_not_implement():
+  with pytest.raises(ValueError, match='method dni or cdni'):
+    pl.make_pipeline(dni_config(None, 'bprop'), pl.stage_mesh(1), B)
+  with pytest.raises(ValueError, match='blocks'):
+    pl.make_pipeline(dni_config((1, 2)), pl.stage_mesh(2), B)
+  with pytest.raises(ValueError, match='devices'):
+    pl.stage_mesh(64)
+
+
+def test_pack_round_trip_keeps_dtypes_and_values():
+  config = dni_config()
+  state = dni_jax.make_feedforward(config).init(jax.random.key(0))
+  spec = pl.pack_spec(state)
+  widths = {d: n + 3 for d, n in spec.sizes().items()}
+  buffers = pl.pack(spec, state, widths)
+  assert set(buffers) == {'float32', 'int32'}
+  chex.assert_trees_all_equal(pl.unpack(spec, buffers), state)
+  assert float(jnp.sum(jnp.abs(buffers['float32'][-3:]))) == 0.0
+
+
+def test_balanced_interfaces_minimise_the_slowest_stage():
+  assert pl.balanced_interfaces(4, 2, [10, 1, 1, 1]) == (1,)
+  assert pl.balanced_interfaces(4, 2, [1, 1, 1, 10]) == (3,)
+  assert pl.balanced_interfaces(4, 2, [1, 1, 1, 1], interface_cost=1) == (1,)
+  assert pl.balanced_interfaces(4, 2, [1, 1, 1, 1]) == (2,)
+  config = dni_config(None, num_layers=6, hidden_size=256,
+                      input_shape=(28, 28, 1))
+  costs, sg = pl.fcn_costs(config)
+  assert costs == [2 * 784 * 256] + [3 * 256 * 256] * 4 + [3 * 2560]
+  assert sg == 3 * 266 * 256   # cDNI, linear: [h, one-hot] -> h.
+  assert pl.balanced_interfaces(6, 2, costs, sg) == (1,)
+  with pytest.raises(ValueError, match='stages'):
+    pl.balanced_interfaces(3, 4, [1, 1, 1])
+
+
+def micro_batch_reference(modules, ff_state, images, labels, M):
+  """GPipe's semantics as one function: per micro-batch a train-mode forward
+  (BatchNorm statistics updated in order) and its batch-mean gradient; one Adam
+  step per module with the mean over micro-batches."""
+  models = modules.hidden + (modules.head,)
+  states = list(ff_state.layers) + [ff_state.head]
+  grads = None
+  for m in range(M):
+    sl = slice(m * B // M, (m + 1) * B // M)
+    outputs, vjps, stats = ff_lib.chain_vjp(models, states, images[sl])
+    loss_grad = interface.softmax_cross_entropy_grad(outputs[-1], labels[sl])[1]
+    g, _ = ff_lib.chain_pull_back(vjps, loss_grad)
+    grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    states = [s._replace(batch_stats=b) for s, b in zip(states, stats)]
+  states = [ff_lib.apply_gradients(modules.tx, s, jax.tree.map(
+      lambda x: x / M, g), s.batch_stats) for s, g in zip(states, grads)]
+  return ff_state._replace(layers=tuple(states[:-1]), head=states[-1])
+
+
+def test_backprop_pipeline_equals_micro_batch_gradient_accumulation():
+  config = dni_config(None, 'bprop')
+  boundaries, M = (1, 2), 4
+  S = len(boundaries) + 1
+  bp = pl.make_backprop_pipeline(config, pl.stage_mesh(S), B, boundaries, M)
+  state = bp.init(jax.random.key(0))
+  for seed in range(2):
+    images, labels = batch(seed)
+    expected = jax.jit(functools.partial(micro_batch_reference, bp.modules),
+                       static_argnums=3)(bp.to_feedforward(state), images,
+                                         labels, M)
+    state, metrics = bp.train_step(state, images, labels)
+    chex.assert_trees_all_close(bp.to_feedforward(state),
+                                expected._replace(step=expected.step + 1),
+                                rtol=2e-5, atol=2e-6)
+    assert np.isfinite(float(metrics['loss']))
+
+
+def test_backprop_pipeline_with_one_micro_batch_is_the_bprop_step():
+  config = dni_config(None, 'bprop')
+  bp = pl.make_backprop_pipeline(config, pl.stage_mesh(2), B, (2,), 1)
+  ff = dni_jax.make_feedforward(config)
+  state = bp.init(jax.random.key(0))
+  ff_state = ff.init(jax.random.key(0))
+  images, labels = batch(3)
+  state, metrics = bp.train_step(state, images, labels)
+  ff_state, ff_metrics = ff.train_step(ff_state, images, labels)
+  chex.assert_trees_all_close(bp.to_feedforward(state), ff_state,
+                              rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(metrics['loss'], ff_metrics['loss'], rtol=1e-6)
+
+
+def test_backprop_pipeline_rejects_bad_micro_batches():
+  with pytest.raises(ValueError, match='num_microbatches=3'):
+    pl.make_backprop_pipeline(dni_config(None, 'bprop'), pl.stage_mesh(2), B,
+                              (2,), 3)
+
+
+def test_two_processes_compute_what_one_process_computes(tmp_path):
+  """Two pinned processes (gloo over 127.0.0.1), one stage each: the state
+  after three ticks equals the in-process result on two fake devices."""
+  spec = benchmarking.check_spec()
+  results = benchmarking.launch_workers(2, spec, str(tmp_path), timeout=240)
+  expected = benchmarking.run_check(spec)   # In-process, fake devices.
+  for process_id, result in enumerate(results):
+    for name, value in result['stage_state'].items():
+      np.testing.assert_allclose(
+          np.asarray(value), np.asarray(expected[name][process_id]),
+          rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+TRAIN_FF = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'scripts', 'train_ff.py')
+
+
+def run_train_ff(*args):
+  return subprocess.run([sys.executable, TRAIN_FF, *args], capture_output=True,
+                        text=True, timeout=400)
+
+
+def test_train_ff_pipeline_learns_and_resumes_bit_identically(tmp_path,
+                                                              mnist_dir):
+  dni = tmp_path / 'dni'
+  args = [f'--workdir={dni}', '--method=cdni', '--pipeline=dni',
+          f'--data_dir={mnist_dir}', '--num_layers=3', '--hidden_size=32',
+          '--sg_hidden_size=32', '--learning_rate=3e-3', '--lr_boundaries=',
+          '--batch_size=32', '--eval_every=20', '--log_every=10',
+          '--checkpoint_every=20', '--num_steps=40']
+  proc = run_train_ff(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = json.loads((dni / 'config.json').read_text())
+  assert config['pipeline'] == 'dni' and config['pipeline_stages'] == 3
+  rows = [json.loads(l) for l in
+          (dni / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [20, 40]
+  assert len(rows[-1]['sg_loss']) == 2 and len(rows[-1]['sg_cosine']) == 2
+  result = json.loads((dni / 'result.json').read_text())
+  assert result['pipeline_stages'] == 3 and result['test_error'] < 40.0
+  # As if it had crashed after step 20: the rerun resumes the pipeline state
+  # (in-flight activations included) and repeats the same metrics.
+  shutil.rmtree(dni / 'checkpoints' / '40')
+  (dni / 'result.json').unlink()
+  proc = run_train_ff(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'resumed from' in proc.stderr
+  again = [json.loads(l) for l in
+           (dni / 'metrics.jsonl').read_text().splitlines()]
+  assert again == rows
+
+
+@pytest.mark.parametrize('kwargs,needle', [
+    (dict(method='dni', pipeline='bprop', pipeline_stages=2),
+     '--pipeline=bprop needs --method=bprop'),
+    (dict(method='bprop', pipeline='bprop'), 'needs --pipeline_stages'),
+    (dict(method='cdni', pipeline='dni', pipeline_stages=2, dni_layers=(1, 2)),
+     '--pipeline_stages=2'),
+    (dict(method='bprop', pipeline='bprop', pipeline_stages=2,
+          pipeline_microbatches=3), '--pipeline_microbatches=3'),
+    (dict(method='cdni', pipeline_stages=2), '--pipeline_stages needs'),
+    (dict(method='cdni', pipeline='dni', num_devices=2), '--num_devices'),
+    (dict(method='cdni', pipeline='dni', pipeline_stages=9),
+     '--pipeline_stages=9'),
+    (dict(method='cdni', pipeline='gpipe'), '--pipeline=gpipe'),
+])
+def test_bad_pipeline_settings_are_refused_naming_the_flag(kwargs, needle):
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    experiments.FeedForwardExperiment(workdir='/tmp/unused', batch_size=32,
+                                      **kwargs)
+
+
+def test_pipeline_stages_split_the_hidden_layers_evenly():
+  exp = experiments.FeedForwardExperiment(
+      workdir='/tmp/unused', method='cdni', num_layers=5, pipeline='dni',
+      pipeline_stages=2)
+  assert exp.pipeline_boundaries == (2,) and exp.resolved_dni_layers == (2,)
+  assert exp.config_record()['dni_layers'] == [2]
+  every = experiments.FeedForwardExperiment(
+      workdir='/tmp/unused', method='cdni', num_layers=4, pipeline='dni')
+  assert every.pipeline_boundaries == (1, 2, 3)
+  assert every.config_record()['pipeline_stages'] == 4
+
+
+def test_train_ff_bad_pipeline_flag_is_one_error_line(tmp_path, mnist_dir):
+  proc = run_train_ff(f'--workdir={tmp_path}/w', f'--data_dir={mnist_dir}',
+                      '--method=bprop', '--pipeline=bprop')
+  assert proc.returncode == 1
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith('train_ff.py: error: --pipeline=bprop needs '
+                              '--pipeline_stages'), proc.stderr[-2000:]
