@@ -204,6 +204,12 @@ class FeedForwardExperiment:
       return self.sg_hidden_size
     return 1024 if self.model == 'fcn' else self.resolved_hidden_size
 
+  def loop_config(self) -> training.LoopConfig:
+    return training.LoopConfig(
+        num_steps=self.num_steps, eval_every=self.eval_every,
+        log_every=self.log_every, checkpoint_every=self.checkpoint_every,
+        batch_size=self.batch_size, seed=self.seed)
+
   def config_record(self) -> dict[str, Any]:
     """What config.json holds: every setting, defaults resolved."""
     record = dataclasses.asdict(self)
@@ -288,10 +294,7 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
     if fit_mesh is not None:
       probe = parallel.place_batch(fit_mesh, *probe)
     diagnostics = lambda state: ff.diagnostics(state, *probe)
-  loop = training.LoopConfig(
-      num_steps=exp.num_steps, eval_every=exp.eval_every,
-      log_every=exp.log_every, checkpoint_every=exp.checkpoint_every,
-      batch_size=exp.batch_size, seed=exp.seed)
+  loop = exp.loop_config()
   return training.fit(
       workdir=exp.workdir, loop=loop,
       init_state=ff.init(jax.random.key(exp.seed)),
@@ -339,10 +342,7 @@ def _train_pipeline(exp: FeedForwardExperiment,
     ff = feedforward.make_feedforward(config)
     diagnostics = lambda state: ff.diagnostics(pipe.to_feedforward(place(
         state)), *probe)
-  loop = training.LoopConfig(
-      num_steps=exp.num_steps, eval_every=exp.eval_every,
-      log_every=exp.log_every, checkpoint_every=exp.checkpoint_every,
-      batch_size=exp.batch_size, seed=exp.seed)
+  loop = exp.loop_config()
   return training.fit(
       workdir=exp.workdir, loop=loop,
       init_state=pipe.init(jax.random.key(exp.seed)),

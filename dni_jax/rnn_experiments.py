@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -318,12 +317,7 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
   train_time = float(payload['train_time'])
   metrics_log = training.MetricsLog(exp.workdir, start_step)
 
-  stop = {'signal': None}
-  def on_signal(signum, frame):
-    del frame
-    stop['signal'] = signum
-  previous = {s: signal.signal(s, on_signal)
-              for s in (signal.SIGTERM, signal.SIGINT)}
+  stop = training.StopSignals().install()
 
   def save(step):
     checkpointer.save(step, {
@@ -387,17 +381,14 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
       if is_ckpt:
         save(step)
         t_last = time.perf_counter()
-      if stop['signal'] is not None:
+      if stop.signal is not None:
         raise _StopRequested()
   except _StopRequested:
     save(step)
     checkpointer.close()
-    raise training.TrainingError(
-        f'stopped by signal {stop["signal"]} at step {step}; checkpoint '
-        'saved, rerun the same command to resume')
+    raise stop.error(step) from None
   finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
+    stop.restore()
   checkpointer.close()
 
   result = {'task': exp.task, 'method': exp.method, 'core': exp.core,

@@ -317,6 +317,32 @@ class _StopRequested(Exception):
   pass
 
 
+class StopSignals:
+  """SIGTERM / SIGINT only record the signal; the training loop checks
+  `signal` at each step boundary, saves a checkpoint and stops. `install`
+  replaces the handlers, `restore` puts the previous ones back."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def install(self) -> 'StopSignals':
+    def on_signal(signum, frame):
+      del frame
+      self.signal = signum
+    self._previous = {s: signal.signal(s, on_signal)
+                      for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def restore(self) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+  def error(self, step: int) -> 'TrainingError':
+    return TrainingError(f'stopped by signal {self.signal} at step {step}; '
+                         'checkpoint saved, rerun the same command to resume')
+
+
 def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
         train_step: Callable, eval_batch: Callable,
         train_data: tuple[np.ndarray, np.ndarray],
@@ -379,12 +405,7 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
   health = None
   metrics_log = MetricsLog(workdir, start_step, write=primary)
 
-  stop = {'signal': None}
-  def on_signal(signum, frame):
-    del frame
-    stop['signal'] = signum
-  previous = {s: signal.signal(s, on_signal)
-              for s in (signal.SIGTERM, signal.SIGINT)}
+  stop = StopSignals().install()
 
   def save(step):
     if health is not None:
@@ -447,17 +468,14 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
       if step % loop.checkpoint_every == 0 or step == loop.num_steps:
         save(step)
         t_last = time.perf_counter()
-      if stop['signal'] is not None:
+      if stop.signal is not None:
         raise _StopRequested()
   except _StopRequested:
     save(step)
     checkpointer.close()
-    raise TrainingError(
-        f'stopped by signal {stop["signal"]} at step {step}; checkpoint saved, '
-        'rerun the same command to resume')
+    raise stop.error(step) from None
   finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
+    stop.restore()
   checkpointer.close()
 
   rows = metrics_log.rows
