@@ -274,10 +274,6 @@ class _PtbTask:
 # The loop.
 # ---------------------------------------------------------------------------
 
-class _StopRequested(Exception):
-  pass
-
-
 def _check_finite(metrics: dict, step: int) -> None:
   for name in ('loss', 'sg_loss', 'aux_loss', 'grad_norm'):
     if not np.isfinite(metrics[name]):
@@ -382,8 +378,8 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
         save(step)
         t_last = time.perf_counter()
       if stop.signal is not None:
-        raise _StopRequested()
-  except _StopRequested:
+        raise training.StopRequested()
+  except training.StopRequested:
     save(step)
     checkpointer.close()
     raise stop.error(step) from None

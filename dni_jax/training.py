@@ -313,8 +313,8 @@ def check_health(health: dict) -> None:
                       'good checkpoint is kept')
 
 
-class _StopRequested(Exception):
-  pass
+class StopRequested(Exception):
+  """Raised inside a training loop when `StopSignals` recorded a signal."""
 
 
 class StopSignals:
@@ -469,8 +469,8 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
         save(step)
         t_last = time.perf_counter()
       if stop.signal is not None:
-        raise _StopRequested()
-  except _StopRequested:
+        raise StopRequested()
+  except StopRequested:
     save(step)
     checkpointer.close()
     raise stop.error(step) from None
