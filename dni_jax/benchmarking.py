@@ -29,6 +29,7 @@ import numpy as np
 
 from dni_jax import feedforward
 from dni_jax import pipeline as pl
+from dni_jax import recurrent
 
 # ---------------------------------------------------------------------------
 # Measuring.
@@ -136,7 +137,16 @@ MODEL_SIZES = {
                 sg_hidden_size=1024),
     'cnn': dict(model='cnn', input_shape=(28, 28, 1), hidden_size=64,
                 sg_hidden_size=64),
+    # Character-level PTB of A.3: an LSTM of 1024 units over 50 symbols,
+    # T = 5 (the benchmark's unroll; A.3 uses T in 2..8).
+    'lstm': dict(hidden_size=1024, vocab=50, unroll=5),
 }
+MODELS = tuple(MODEL_SIZES)
+# Methods per model: the feed-forward ones, or the recurrent ones under the
+# same names (bprop = truncated BPTT; dni_aux: DNI + Aux, recurrent only).
+METHODS = {'fcn': ('bprop', 'dni', 'cdni'), 'cnn': ('bprop', 'dni', 'cdni'),
+           'lstm': ('bprop', 'dni', 'dni_aux')}
+ALL_METHODS = ('bprop', 'dni', 'cdni', 'dni_aux')
 
 
 def model_config(model: str, method: str, num_layers: int = 4,
@@ -151,6 +161,16 @@ def model_config(model: str, method: str, num_layers: int = 4,
       **sizes)
 
 
+def lstm_config(method: str, **overrides) -> recurrent.RecurrentConfig:
+  """A.3's PTB LSTM (with `overrides` of hidden_size / vocab / unroll);
+  `method` in the benchmark's names: bprop (truncated BPTT), dni, dni_aux."""
+  sizes = dict(MODEL_SIZES['lstm'], **overrides)
+  return recurrent.RecurrentConfig(
+      core='lstm', input_size=sizes['vocab'], output_size=sizes['vocab'],
+      hidden_size=sizes['hidden_size'], unroll=sizes['unroll'],
+      method='bptt' if method == 'bprop' else method, loss='categorical')
+
+
 def _model_batch(config, batch_size, seed=0):
   rng = np.random.default_rng(seed)
   images = rng.random((batch_size,) + tuple(config.input_shape), np.float32)
@@ -158,16 +178,66 @@ def _model_batch(config, batch_size, seed=0):
   return images, labels
 
 
+def lstm_chunk(config: recurrent.RecurrentConfig, batch_size: int,
+               seed: int = 0) -> recurrent.Chunk:
+  """Random symbols, every step scored, no episode boundary inside."""
+  rng = np.random.default_rng(seed)
+  shape = (batch_size, config.unroll)
+  return recurrent.Chunk(
+      inputs=jnp.asarray(rng.integers(0, config.input_size, shape), jnp.int32),
+      targets=jnp.asarray(rng.integers(0, config.output_size, shape),
+                          jnp.int32),
+      mask=jnp.ones(shape, jnp.float32), resets=jnp.zeros(shape, jnp.float32))
+
+
+def _timing_row(seconds: float, examples: int, flops: float | None,
+                peak_flops: float) -> dict:
+  return {'step_ms': 1e3 * seconds, 'examples_per_step': examples,
+          'samples_per_s': examples / seconds, 'flops_per_step': flops,
+          'flops_per_s': flops / seconds if flops else None,
+          'fraction_of_matmul_peak': (flops / seconds / peak_flops
+                                      if flops else None),
+          'peak_memory_bytes': peak_memory_bytes()}
+
+
+def _lstm_rows(method, batch_size, warmup, steps, peak_flops,
+               overrides) -> list[dict]:
+  config = lstm_config(method, **overrides)
+  rec = recurrent.make_recurrent(config)
+  chunk = lstm_chunk(config, batch_size)
+  init = lambda: rec.init(jax.random.key(0), batch_size, chunk.inputs)
+  flops = compiled_flops(rec.train_step, init(), chunk)
+  times, _ = time_steps(rec.train_step, init(), (chunk,), warmup, steps)
+  row = {'model': 'lstm', 'method': method, 'dispatch': 'fused',
+         'devices': 1, 'batch_size': batch_size, 'unroll': config.unroll,
+         'hidden_size': config.hidden_size}
+  # One example = one character step: B x T per training step.
+  row.update(_timing_row(statistics.median(times), batch_size * config.unroll,
+                         flops, peak_flops))
+  return [row]
+
+
 def run_models_suite(models, methods, batch_size, warmup, steps,
-                     peak_flops) -> list[dict]:
-  """Fused vs per-layer dispatch on one device, per model and method:
-  median step time, samples/s, FLOP/s (XLA cost analysis of the fused step;
-  the per-layer schedule does the same arithmetic), its fraction of the
-  measured matmul peak, peak device memory."""
+                     peak_flops, overrides=None) -> list[dict]:
+  """Per model and method, on one device: median step time, samples/s,
+  FLOP/s (XLA cost analysis of the fused step; the per-layer schedule does
+  the same arithmetic), its fraction of the measured matmul peak, peak device
+  memory. Feed-forward models are timed with the fused step and with one
+  jitted call per module (`per_layer`); the LSTM's unroll is one jitted call
+  (its samples are character steps, B x T per step). Methods that do not
+  apply to a model (cdni for the LSTM, dni_aux for FCN/CNN) are skipped.
+  `overrides`: {model: {size field: value}} (tests use tiny sizes)."""
+  overrides = overrides or {}
   rows = []
   for model in models:
     for method in methods:
-      config = model_config(model, method)
+      if method not in METHODS[model]:
+        continue
+      if model == 'lstm':
+        rows += _lstm_rows(method, batch_size, warmup, steps, peak_flops,
+                           overrides.get(model, {}))
+        continue
+      config = model_config(model, method, **overrides.get(model, {}))
       ff = feedforward.make_feedforward(config)
       images, labels = (jnp.asarray(v) for v in _model_batch(config,
                                                              batch_size))
@@ -179,45 +249,50 @@ def run_models_suite(models, methods, batch_size, warmup, steps,
                              ('per_layer', per_layer)):
         times, _ = time_steps(step, ff.init(jax.random.key(0)),
                               (images, labels), warmup, steps)
-        seconds = statistics.median(times)
-        rows.append({
-            'model': model, 'method': method, 'dispatch': dispatch,
-            'devices': 1, 'batch_size': batch_size,
-            'step_ms': 1e3 * seconds, 'samples_per_s': batch_size / seconds,
-            'flops_per_step': flops,
-            'flops_per_s': flops / seconds if flops else None,
-            'fraction_of_matmul_peak': (flops / seconds / peak_flops
-                                        if flops else None),
-            'peak_memory_bytes': peak_memory_bytes(),
-        })
+        row = {'model': model, 'method': method, 'dispatch': dispatch,
+               'devices': 1, 'batch_size': batch_size}
+        row.update(_timing_row(statistics.median(times), batch_size, flops,
+                               peak_flops))
+        rows.append(row)
   for row in rows:   # DNI/Bprop step-time ratio per model and dispatch.
-    ref = next(r for r in rows if r['model'] == row['model'] and r[
-        'dispatch'] == row['dispatch'] and r['method'] == 'bprop') if (
-            'bprop' in methods) else None
+    ref = next((r for r in rows if r['model'] == row['model'] and r[
+        'dispatch'] == row['dispatch'] and r['method'] == 'bprop'), None)
     row['step_time_vs_bprop'] = (row['step_ms'] / ref['step_ms']
                                  if ref else None)
   return rows
 
 
 def run_data_parallel_suite(model, method, device_counts, batch_size, warmup,
-                            steps) -> list[dict]:
+                            steps, overrides=None) -> list[dict]:
   """The fused step of `dni_jax.parallel.make_data_parallel` (batch split
-  over the devices, states replicated) on 1..K devices."""
+  over the devices, states replicated) on 1..K devices; for the LSTM,
+  `make_data_parallel_recurrent` (streams and their carried state split)."""
   from dni_jax import parallel
-  config = model_config(model, method)
-  images, labels = _model_batch(config, batch_size)
+  overrides = overrides or {}
   rows = []
   for n in device_counts:
     mesh = parallel.make_data_mesh(n)
-    ff = parallel.make_data_parallel(config, mesh)
-    x, y = parallel.shard_batch(mesh, images, labels)
-    times, _ = time_steps(ff.train_step, ff.init(jax.random.key(0)), (x, y),
-                          warmup, steps)
+    if model == 'lstm':
+      config = lstm_config(method, **overrides)
+      rec = parallel.make_data_parallel_recurrent(config, mesh)
+      chunk = jax.device_get(lstm_chunk(config, batch_size))
+      step = rec.train_step
+      args = (recurrent.Chunk(*parallel.shard_batch(mesh, *chunk)),)
+      state = rec.init(jax.random.key(0), batch_size, chunk.inputs)
+      examples = batch_size * config.unroll
+    else:
+      config = model_config(model, method, **overrides)
+      ff = parallel.make_data_parallel(config, mesh)
+      step = ff.train_step
+      args = parallel.shard_batch(mesh, *_model_batch(config, batch_size))
+      state = ff.init(jax.random.key(0))
+      examples = batch_size
+    times, _ = time_steps(step, state, args, warmup, steps)
     seconds = statistics.median(times)
     rows.append({'model': model, 'method': method, 'mode': 'data_parallel',
                  'devices': mesh.size, 'batch_size': batch_size,
-                 'step_ms': 1e3 * seconds,
-                 'samples_per_s': batch_size / seconds})
+                 'step_ms': 1e3 * seconds, 'examples_per_step': examples,
+                 'samples_per_s': examples / seconds})
   for row in rows:
     row['speedup_vs_1'] = rows[0]['step_ms'] / row['step_ms']
   return rows

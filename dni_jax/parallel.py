@@ -1,7 +1,8 @@
 """Data parallelism over a device mesh, and multi-host setup.
 
 The batch is split along a 1-D mesh axis ('data'); every module's state is
-replicated. `make_data_parallel` jits the feed-forward functions of
+replicated (a recurrent network's carried state, one row per stream, is
+split with the batch: `make_data_parallel_recurrent`). `make_data_parallel` jits the feed-forward functions of
 `dni_jax.feedforward` (the same functions, nothing re-implemented) with
 `NamedSharding`s, so each call is the *global* computation -- BatchNorm batch
 statistics and batch-mean losses over the whole global batch, exactly as on
@@ -24,6 +25,7 @@ a global array from the global batch that every process holds on its host
 """
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable
 
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dni_jax import feedforward
+from dni_jax import recurrent
 
 DATA_AXIS = 'data'
 
@@ -230,6 +233,45 @@ def make_data_parallel(config: feedforward.FeedForwardConfig, mesh: Mesh,
                             **options)
   # Functions not in the table (and `predict`) follow their inputs' shardings.
   return base._replace(**sharded)
+
+
+def make_data_parallel_recurrent(config: recurrent.RecurrentConfig,
+                                 mesh: Mesh) -> recurrent.Recurrent:
+  """`recurrent.make_recurrent(config)` with its functions jitted over `mesh`.
+
+  The B streams are split over the mesh's axis: chunks, the carried core
+  state and the replay buffers (one row per stream) are batch-sharded;
+  parameters, optimiser state and counters are replicated. Each call is the
+  global computation (losses are means over all streams), so results equal
+  one device's within float summation order. The batch size and an
+  evaluation's number of streams must divide over the mesh. Returns the same
+  `Recurrent` NamedTuple; `train_step` donates its state, as on one device.
+  """
+  if len(mesh.axis_names) != 1:
+    raise ValueError(f'make_data_parallel_recurrent needs a 1-D mesh, got '
+                     f'axes {mesh.axis_names}')
+  recurrent.validate_config(config)
+  R, B = replicated(mesh), batch_sharded(mesh)
+  # Sharding prefixes: B covers every per-stream leaf (absent replay fields
+  # of truncated BPTT are empty subtrees).
+  state = recurrent.RecurrentState(
+      params=R, opt_state=R, step=R,
+      carry=recurrent.Carry(core=B, replay_start=B, replay_inputs=B,
+                            replay_resets=B, valid=R))
+  chunk = recurrent.Chunk(B, B, B, B)
+  init = jax.jit(functools.partial(recurrent.init_state, config),
+                 static_argnums=1, out_shardings=state)
+  return recurrent.Recurrent(
+      config=config,
+      init=lambda key, batch_size, example_inputs: init(
+          key, batch_size, jnp.asarray(example_inputs)),
+      train_step=jax.jit(functools.partial(recurrent.train_step, config),
+                         in_shardings=(state, chunk), out_shardings=(state, R),
+                         donate_argnums=0),
+      evaluate_chunk=jax.jit(functools.partial(recurrent.evaluate_chunk,
+                                               config),
+                             in_shardings=(R, B, chunk),
+                             out_shardings=(B, R)))
 
 
 # ---------------------------------------------------------------------------

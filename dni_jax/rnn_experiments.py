@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dni_jax import parallel
 from dni_jax import recurrent
 from dni_jax import rnn_tasks
 from dni_jax import training
@@ -51,6 +52,10 @@ class RecurrentExperiment:
                                        # into (None: 64).
   seed: int = 0
   overwrite: bool = False
+  # Execution, not part of the run's configuration (results agree within
+  # float tolerance): streams split over this many local devices (None: all
+  # of them, train_rnn.py's default).
+  num_devices: int | None = 1
 
   def __post_init__(self):
     def bad(flag, msg):
@@ -89,6 +94,16 @@ class RecurrentExperiment:
                          f'--task={self.task}')
     if self.seed < 0:
       bad('seed', 'must be >= 0')
+    if self.num_devices is not None:
+      if self.num_devices < 1:
+        bad('num_devices', 'must be a positive integer')
+      if self.batch_size % self.num_devices:
+        raise ValueError(f'--batch_size={self.batch_size}: must be divisible '
+                         f'by --num_devices={self.num_devices}')
+      rows = self.resolved['eval_rows']
+      if rows is not None and rows % self.num_devices:
+        raise ValueError(f'--eval_rows={rows}: must be divisible by '
+                         f'--num_devices={self.num_devices}')
 
   @property
   def resolved(self) -> dict[str, Any]:
@@ -105,6 +120,7 @@ class RecurrentExperiment:
     record = dataclasses.asdict(self)
     record.update(self.resolved)
     del record['overwrite']
+    del record['num_devices']   # Where it runs; result.json records it.
     return record
 
   def model_config(self, input_size: int, output_size: int, loss: str
@@ -283,7 +299,18 @@ def _check_finite(metrics: dict, step: int) -> None:
 
 
 def train_recurrent(exp: RecurrentExperiment) -> dict:
-  """Runs (or resumes) one recurrent experiment; returns result.json's dict."""
+  """Runs (or resumes) one recurrent experiment; returns result.json's dict.
+
+  The streams are split over `exp.num_devices` local devices (data
+  parallelism, `parallel.make_data_parallel_recurrent`) when that is > 1.
+  """
+  # Device settings are checked before the workdir is touched.
+  mesh = parallel.make_data_mesh(exp.num_devices)
+  parallel.check_batch_size(mesh, exp.batch_size)
+  rows = exp.resolved['eval_rows']
+  if rows is not None and rows % mesh.size:
+    raise ValueError(f'--eval_rows={rows}: must be divisible by the '
+                     f'{mesh.size} devices')
   status = training.prepare_workdir(exp.workdir, exp.config_record(),
                                     exp.overwrite)
   if status == 'finished':
@@ -291,7 +318,12 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
     with open(os.path.join(exp.workdir, training.RESULT_FILE)) as f:
       return json.load(f)
   task = _PtbTask(exp) if exp.task == 'ptb' else _CopyTask(exp)
-  rec = recurrent.make_recurrent(exp.model_config(*task.sizes()))
+  config = exp.model_config(*task.sizes())
+  if mesh.size == 1:
+    rec = recurrent.make_recurrent(config)
+  else:
+    rec = parallel.make_data_parallel_recurrent(config, mesh)
+    logging.info('streams split over %d devices', mesh.size)
   eval_every = exp.resolved['eval_every']
 
   zero = np.zeros((), np.float64)
@@ -394,7 +426,8 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
             'train_time': round(train_time, 3),
             'steps_per_sec': (timed_steps / timed_time) if timed_time > 0
             else None,
-            'device': jax.devices()[0].device_kind}
+            'device': jax.devices()[0].device_kind,
+            'num_devices': mesh.size}
   result.update(task.result())
   training.write_json_atomic(os.path.join(exp.workdir, training.RESULT_FILE),
                              result)

@@ -2,7 +2,8 @@ r"""Benchmarks: step time, samples/s, FLOP/s, memory; data parallelism; the
 decoupled pipeline against the backprop pipeline. Runs unchanged on CPU, GPU
 and TPU.
 
-  # Fused vs per-layer dispatch, Bprop / DNI / cDNI, FCN and CNN, one device:
+  # Fused vs per-layer dispatch, Bprop / DNI / cDNI, FCN and CNN, and the
+  # PTB LSTM (truncated BPTT / DNI / DNI + Aux), one device:
   python scripts/benchmark.py --suite=models --json=/tmp/models.json
   # Data parallelism over 1..N devices (on CPU: N fake devices):
   python scripts/benchmark.py --suite=data_parallel --num_devices=2 \
@@ -46,8 +47,15 @@ flags.DEFINE_enum('balance', 'measured', ['measured', 'flops'],
                   'pipeline: place the stage boundaries to balance measured '
                   'per-layer update times on this device, or multiply-add '
                   'counts.')
-flags.DEFINE_list('models', ['fcn', 'cnn'], 'models: fcn, cnn.')
-flags.DEFINE_list('methods', ['bprop', 'dni', 'cdni'], 'models: methods.')
+flags.DEFINE_list('models', ['fcn', 'cnn', 'lstm'],
+                  'models / data_parallel: fcn, cnn (MNIST sizes, A.1), lstm '
+                  '(PTB sizes, A.3).')
+flags.DEFINE_list('methods', ['bprop', 'dni', 'cdni'],
+                  'models: bprop, dni, cdni (feed-forward), dni_aux (LSTM); '
+                  'for the LSTM bprop is truncated BPTT. Methods that do not '
+                  'apply to a model are skipped.')
+flags.DEFINE_integer('unroll', 5, 'models / data_parallel: T of the LSTM '
+                     '(A.3: 2..8).')
 flags.DEFINE_integer('warmup', 5, 'Steps before timing.')
 flags.DEFINE_integer('steps', 30, 'Timed steps (the median is reported).')
 flags.DEFINE_string('workdir', None,
@@ -85,13 +93,23 @@ def _validate() -> None:
   else:
     if FLAGS.processes is not None:
       _fail(f'--processes is for --suite=pipeline, not --suite={FLAGS.suite}')
-    bad = [m for m in FLAGS.models if m not in ('fcn', 'cnn')]
-    if bad:
-      _fail(f'--models={",".join(FLAGS.models)}: must be fcn and/or cnn')
-    bad = [m for m in FLAGS.methods if m not in ('bprop', 'dni', 'cdni')]
-    if bad:
-      _fail(f'--methods={",".join(FLAGS.methods)}: must be among bprop, dni, '
-            'cdni')
+    models = ('fcn', 'cnn', 'lstm')
+    bad = [m for m in FLAGS.models if m not in models]
+    if bad or not FLAGS.models:
+      _fail(f'--models={",".join(FLAGS.models)}: must be among '
+            f'{", ".join(models)}')
+    methods = ('bprop', 'dni', 'cdni', 'dni_aux')
+    bad = [m for m in FLAGS.methods if m not in methods]
+    if bad or not FLAGS.methods:
+      _fail(f'--methods={",".join(FLAGS.methods)}: must be among '
+            f'{", ".join(methods)}')
+    from dni_jax.benchmarking import METHODS   # No backend started yet.
+    if not any(m in METHODS[model] for model in FLAGS.models
+               for m in FLAGS.methods):
+      _fail(f'--models={",".join(FLAGS.models)} --methods='
+            f'{",".join(FLAGS.methods)}: no method applies to these models')
+    if FLAGS.unroll < 1:
+      _fail(f'--unroll={FLAGS.unroll}: must be a positive integer')
   if FLAGS.num_devices is not None and FLAGS.num_devices < 1:
     _fail(f'--num_devices={FLAGS.num_devices}: must be >= 1')
 
@@ -139,13 +157,14 @@ def main(argv):
   elif FLAGS.suite == 'models':
     peak = bm.matmul_peak()
     rows = bm.run_models_suite(FLAGS.models, FLAGS.methods, FLAGS.batch_size,
-                               FLAGS.warmup, FLAGS.steps, peak)
+                               FLAGS.warmup, FLAGS.steps, peak,
+                               overrides={'lstm': {'unroll': FLAGS.unroll}})
     result = {'suite': 'models', 'matmul_peak_flops_per_s': peak,
               'device': bm.device_info(), 'rows': rows,
               'warmup': FLAGS.warmup, 'steps': FLAGS.steps}
     table = bm.markdown_table(rows, [
         'model', 'method', 'dispatch', 'step_ms', 'step_time_vs_bprop',
-        'samples_per_s', 'flops_per_s', 'fraction_of_matmul_peak',
+        'examples_per_step', 'samples_per_s', 'flops_per_s', 'fraction_of_matmul_peak',
         'peak_memory_bytes'])
     table += f'\nMeasured matmul peak: {peak / 1e9:.1f} GFLOP/s.\n'
   else:
@@ -154,13 +173,16 @@ def main(argv):
     rows = []
     for model in FLAGS.models:
       for method in FLAGS.methods:
-        rows += bm.run_data_parallel_suite(model, method, counts,
-                                           FLAGS.batch_size, FLAGS.warmup,
-                                           FLAGS.steps)
+        if method in bm.METHODS[model]:
+          rows += bm.run_data_parallel_suite(
+              model, method, counts, FLAGS.batch_size, FLAGS.warmup,
+              FLAGS.steps, overrides=({'unroll': FLAGS.unroll}
+                                      if model == 'lstm' else None))
     result = {'suite': 'data_parallel', 'device': bm.device_info(),
               'rows': rows, 'warmup': FLAGS.warmup, 'steps': FLAGS.steps}
     table = bm.markdown_table(rows, ['model', 'method', 'devices', 'step_ms',
-                                     'samples_per_s', 'speedup_vs_1'])
+                                     'examples_per_step', 'samples_per_s',
+                                     'speedup_vs_1'])
   result['load_average_before'] = load_before
   result['load_average_after'] = bm.load_average()
   result['command'] = ' '.join(['python', 'scripts/benchmark.py']

@@ -21,7 +21,7 @@ from dni_jax import reporting
 from dni_jax import training
 
 EXPERIMENTS = ('table1_mnist_fcn', 'table1_mnist_cnn', 'table1_cifar10_fcn',
-               'stale_baseline', 'fig9a_single_dni', 'fig5_sparse',
+               'table1_cifar10_cnn', 'stale_baseline', 'fig9a_single_dni', 'fig5_sparse',
                'fig5_unlock')
 TABLE1_METHODS = ('no_bprop', 'bprop', 'dni', 'cdni')
 flags.DEFINE_enum('experiment', None, list(EXPERIMENTS), 'Which grid to run.')
@@ -51,6 +51,10 @@ def grid(name: str) -> list[dict]:
                  method=m, hidden_size=1000,
                  **({'sg_hidden_layers': 1, 'sg_hidden_size': 4000}
                     if m in ('dni', 'cdni') else {}))
+            for n in (3, 4) for m in TABLE1_METHODS]
+  if name == 'table1_cifar10_cnn':   # Table 1, CIFAR-10 CNN rows (128 filters).
+    return [dict(name=f'cnn{n}_{m}', dataset='cifar10', model='cnn',
+                 num_layers=n, method=m, hidden_size=128)
             for n in (3, 4) for m in TABLE1_METHODS]
   if name == 'stale_baseline':   # Sec. 3.1: historical gradients.
     return [dict(name=f'fcn{n}_stale_decay{d:g}', num_layers=n,

@@ -64,6 +64,10 @@ flags.DEFINE_integer('eval_rows', None,
 flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and data.')
 flags.DEFINE_bool('overwrite', False,
                   'Replace a workdir that holds a run with another config.')
+flags.DEFINE_integer('num_devices', None,
+                     'Data parallelism: split the streams over this many '
+                     'local devices (default: all; --batch_size and '
+                     '--eval_rows must divide over them).')
 FLAGS = flags.FLAGS
 
 
@@ -79,7 +83,8 @@ def main(argv):
         batch_size=FLAGS.batch_size, num_steps=FLAGS.num_steps,
         eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
         checkpoint_every=FLAGS.checkpoint_every, patience=FLAGS.patience,
-        eval_rows=FLAGS.eval_rows, seed=FLAGS.seed, overwrite=FLAGS.overwrite)
+        eval_rows=FLAGS.eval_rows, seed=FLAGS.seed, overwrite=FLAGS.overwrite,
+        num_devices=FLAGS.num_devices)
     result = rnn_experiments.train_recurrent(exp)
   except (ValueError, training.TrainingError) as e:
     # DataError and WorkdirError are ValueErrors: one line, non-zero exit.

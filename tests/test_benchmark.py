@@ -61,12 +61,43 @@ def test_models_suite_rows_have_every_column():
   assert table.count('\n') == 4
 
 
+def test_models_suite_lstm_rows():
+  """The PTB LSTM: one fused row per recurrent method (cdni skipped), one
+  example per character step."""
+  rows = benchmarking.run_models_suite(
+      ['lstm'], ['bprop', 'dni', 'cdni', 'dni_aux'], batch_size=4, warmup=1,
+      steps=2, peak_flops=1e9,
+      overrides={'lstm': {'hidden_size': 8, 'vocab': 5, 'unroll': 3}})
+  assert [(r['model'], r['method'], r['dispatch']) for r in rows] == [
+      ('lstm', 'bprop', 'fused'), ('lstm', 'dni', 'fused'),
+      ('lstm', 'dni_aux', 'fused')]
+  for r in rows:
+    assert r['examples_per_step'] == 12 and r['unroll'] == 3
+    assert r['samples_per_s'] == pytest.approx(12e3 / r['step_ms'])
+    assert r['flops_per_step'] > 0
+  assert rows[0]['step_time_vs_bprop'] == 1.0
+  # DNI does strictly more arithmetic than truncated BPTT (the SG model).
+  assert rows[1]['flops_per_step'] > rows[0]['flops_per_step']
+
+
+def test_data_parallel_suite_lstm_rows():
+  rows = benchmarking.run_data_parallel_suite(
+      'lstm', 'dni', [1, 2], batch_size=4, warmup=1, steps=2,
+      overrides={'hidden_size': 8, 'vocab': 5, 'unroll': 3})
+  assert [r['devices'] for r in rows] == [1, 2]
+  assert all(r['examples_per_step'] == 12 for r in rows)
+  assert rows[0]['speedup_vs_1'] == 1.0
+
+
 @pytest.mark.parametrize('args,needle', [
     (['--suite=pipeline'], 'exactly one of --processes'),
     (['--suite=pipeline', '--processes=64'], '--processes=64'),
     (['--suite=pipeline', '--num_devices=2', '--microbatches=3'],
      '--microbatches=3'),
-    (['--suite=models', '--models=lstm'], '--models=lstm'),
+    (['--suite=models', '--models=rnn'], '--models=rnn'),
+    (['--suite=data_parallel', '--models=rnn'], '--models=rnn'),
+    (['--suite=models', '--models=fcn', '--methods=dni_aux'],
+     'no method applies'),
 ])
 def test_bad_flags_give_one_error_line(tmp_path, args, needle):
   proc = run(*args, f'--json={tmp_path}/x.json', timeout=120)

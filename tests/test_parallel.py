@@ -15,6 +15,7 @@ import pytest
 from dni_jax import experiments
 from dni_jax import feedforward
 from dni_jax import parallel
+from dni_jax import recurrent
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_FF = os.path.join(REPO, 'scripts', 'train_ff.py')
@@ -182,6 +183,40 @@ def test_shard_map_per_device_step_equals_one_device():
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
       jax.tree.leaves(state.layers), jax.tree.leaves(expected.layers)))
   assert diff > 1e-3
+
+
+@pytest.mark.parametrize('method', ['bptt', 'dni', 'dni_aux'])
+def test_recurrent_sharded_over_streams_equals_one_device(method):
+  """The LSTM's streams split over 4 devices: carried state and replay
+  buffers stay split, and 4 steps (state carried across them) and an
+  evaluation equal one device's."""
+  config = recurrent.RecurrentConfig(
+      core='lstm', input_size=5, output_size=5, hidden_size=8, unroll=3,
+      method=method, learning_rate=1e-2)
+  rng = np.random.default_rng(0)
+  shape = (BATCH, config.unroll)
+  chunks = [recurrent.Chunk(
+      rng.integers(0, 5, shape).astype(np.int32),
+      rng.integers(0, 5, shape).astype(np.int32),
+      np.ones(shape, np.float32),
+      (rng.random(shape) < 0.2).astype(np.float32)) for _ in range(4)]
+  one = recurrent.make_recurrent(config)
+  mesh = parallel.make_data_mesh(4)
+  par = parallel.make_data_parallel_recurrent(config, mesh)
+  expected = one.init(jax.random.key(0), BATCH, chunks[0].inputs)
+  state = par.init(jax.random.key(0), BATCH, chunks[0].inputs)
+  assert state.carry.core[0].sharding.spec == P('data')
+  for chunk in chunks:
+    expected, expected_metrics = one.train_step(expected, chunk)
+    state, metrics = par.train_step(state, chunk)
+  assert state.carry.core[0].sharding.spec == P('data')
+  chex.assert_trees_all_close(jax.device_get(state), jax.device_get(expected),
+                              **TOL)
+  chex.assert_trees_all_close(metrics, expected_metrics, **TOL)
+  state0 = recurrent.zero_state(config, BATCH)
+  chex.assert_trees_all_close(
+      par.evaluate_chunk(state.params, state0, chunks[0]),
+      one.evaluate_chunk(expected.params, state0, chunks[0]), **TOL)
 
 
 def test_default_axis_name_leaves_the_modules_unchanged():

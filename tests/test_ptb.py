@@ -152,7 +152,29 @@ def test_copy_run_reports_length_and_samples_and_resumes(tmp_path):
   assert rows[-1]['samples_seen'] == 6 * 4 * 3
 
 
+def test_ptb_run_split_over_two_devices_matches_one_device(tmp_path):
+  data_dir = _write_char_files(tmp_path / 'ptb')
+  results, rows = {}, {}
+  for n in (1, 2):
+    exp = _exp(tmp_path / f'run{n}', task='ptb', eval_rows=2,
+               data_dir=data_dir, num_devices=n)
+    results[n] = rnn_experiments.train_recurrent(exp)
+    rows[n] = training.read_metrics(exp.workdir)
+    with open(os.path.join(exp.workdir, 'config.json')) as f:
+      assert 'num_devices' not in json.load(f)   # A run may move devices.
+  assert results[2]['num_devices'] == 2 and results[1]['num_devices'] == 1
+  for one, two in zip(rows[1], rows[2], strict=True):
+    assert one['step'] == two['step']
+    for key in ('valid_bpc', 'train_bits'):
+      assert two[key] == pytest.approx(one[key], abs=2e-4)
+
+
 @pytest.mark.parametrize('kw,match', [
+    (dict(num_devices=0), '--num_devices=0: must be a positive integer'),
+    (dict(num_devices=3), '--batch_size=4: must be divisible by '
+     '--num_devices=3'),
+    (dict(task='ptb', num_devices=4, eval_rows=6),
+     '--eval_rows=6: must be divisible by --num_devices=4'),
     (dict(task='copy', data_dir='/x'), '--data_dir is for --task=ptb'),
     (dict(method='bptt', sg_scale=0.5), '--sg_scale/--sg_into_core need'),
     (dict(unroll=0), '--unroll=0: must be a positive integer'),
