@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from typing import Any
 
 from absl import logging
@@ -344,88 +343,65 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
   bits_count = float(payload['train_bits_count'])
   train_time = float(payload['train_time'])
   metrics_log = training.MetricsLog(exp.workdir, start_step)
+  pending = []   # Device bits of the steps since the last log point.
 
-  stop = training.StopSignals().install()
+  def train_step_at(step):
+    nonlocal state
+    state, metrics = rec.train_step(state, task.chunk(step))
+    pending.append(metrics['bits'])
+    return metrics
 
-  def save(step):
-    checkpointer.save(step, {
-        'state': state, 'task': dict(task.host),
-        'train_bits_sum': np.asarray(bits_sum, np.float64),
-        'train_bits_count': np.asarray(bits_count, np.float64),
-        'train_time': np.asarray(train_time, np.float64)})
+  def log_text(fetched):
+    nonlocal bits_sum, bits_count, pending
+    bits_sum += float(np.sum(jax.device_get(pending)))
+    bits_count += len(pending)
+    pending = []
+    return (f'bits {float(fetched["bits"]):.4f}  '
+            f'sg_loss {float(fetched["sg_loss"]):.3g}  ')
 
-  step = start_step
-  t_last, step_last = time.perf_counter(), start_step
-  timed_time, timed_steps = 0.0, 0
-  pending = []   # Device metrics since the last log, fetched together.
-  early_stopped = False
-  try:
-    while step < exp.num_steps:
-      state, metrics = rec.train_step(state, task.chunk(step))
-      pending.append(metrics['bits'])
-      step += 1
-      is_eval = step % eval_every == 0 or step == exp.num_steps
-      is_ckpt = step % exp.checkpoint_every == 0 or step == exp.num_steps
-      if step % exp.log_every == 0 or is_eval or is_ckpt:
-        fetched = jax.device_get(metrics)
-        _check_finite(fetched, step)
-        bits_sum += float(np.sum(jax.device_get(pending)))
-        bits_count += len(pending)
-        pending = []
-        now = time.perf_counter()
-        train_time += now - t_last
-        if step_last > start_step or step == exp.num_steps:
-          timed_time += now - t_last     # Skips the compile interval.
-          timed_steps += step - step_last
-        rate = (step - step_last) / max(now - t_last, 1e-9)
-        t_last, step_last = now, step
-        logging.info('step %d/%d  loss %.4f  bits %.4f  sg_loss %.3g  '
-                     '%.1f steps/s  ETA %s', step, exp.num_steps,
-                     float(fetched['loss']), float(fetched['bits']),
-                     float(fetched['sg_loss']), rate,
-                     training._format_seconds(  # pylint: disable=protected-access
-                         (exp.num_steps - step) / max(rate, 1e-9)))
-      if is_eval:
-        row = {'step': step,
-               'train_bits': round(bits_sum / max(bits_count, 1.0), 5),
-               'train_time': round(train_time, 3),
-               'samples_seen': step * exp.batch_size * exp.unroll,
-               'sg_loss': float(fetched['sg_loss']),
-               'aux_loss': float(fetched['aux_loss'])}
-        if exp.task == 'ptb':
-          row.update(task.evaluate(rec, state.params, step))
-        else:
-          row.update(task.evaluate(rec, state.params))
-        metrics_log.append(row)
-        logging.info('eval %s', row)
-        bits_sum, bits_count = 0.0, 0.0
-        t_last = time.perf_counter()   # Evaluation is not training time.
-        if task.should_stop():
-          early_stopped = True
-          logging.info('validation BPC has not improved for %d evaluations: '
-                       'early stop at step %d', exp.resolved['patience'], step)
-          save(step)
-          break
-      if is_ckpt:
-        save(step)
-        t_last = time.perf_counter()
-      if stop.signal is not None:
-        raise training.StopRequested()
-  except training.StopRequested:
-    save(step)
-    checkpointer.close()
-    raise stop.error(step) from None
-  finally:
-    stop.restore()
-  checkpointer.close()
+  def evaluate_row(step, fetched, seconds):
+    nonlocal bits_sum, bits_count
+    row = {'train_bits': round(bits_sum / max(bits_count, 1.0), 5),
+           'train_time': round(train_time + seconds, 3),
+           'samples_seen': step * exp.batch_size * exp.unroll,
+           'sg_loss': float(fetched['sg_loss']),
+           'aux_loss': float(fetched['aux_loss'])}
+    if exp.task == 'ptb':
+      row.update(task.evaluate(rec, state.params, step))
+    else:
+      row.update(task.evaluate(rec, state.params))
+    bits_sum, bits_count = 0.0, 0.0
+    return row
+
+  def should_stop():
+    if task.should_stop():
+      logging.info('validation BPC has not improved for %d evaluations: '
+                   'early stop', exp.resolved['patience'])
+      return True
+    return False
+
+  stats = training.run_loop(
+      schedule=training.Schedule(exp.num_steps, eval_every, exp.log_every,
+                                 exp.checkpoint_every),
+      start_step=start_step, checkpointer=checkpointer,
+      metrics_log=metrics_log, train_step=train_step_at, log_text=log_text,
+      evaluate_row=evaluate_row,
+      payload=lambda seconds: {
+          'state': state, 'task': dict(task.host),
+          'train_bits_sum': np.asarray(bits_sum, np.float64),
+          'train_bits_count': np.asarray(bits_count, np.float64),
+          'train_time': np.asarray(train_time + seconds, np.float64)},
+      check=lambda fetched: _check_finite(fetched, int(state.step)),
+      should_stop=should_stop)
+  step, early_stopped = stats.step, stats.early_stopped
+  train_time += stats.train_seconds
 
   result = {'task': exp.task, 'method': exp.method, 'core': exp.core,
             'unroll': exp.unroll,
             'hidden_size': exp.resolved['hidden_size'],
             'num_steps': step, 'early_stopped': early_stopped,
             'train_time': round(train_time, 3),
-            'steps_per_sec': (timed_steps / timed_time) if timed_time > 0
-            else None,
+            'steps_per_sec': stats.steps_per_sec,
             'device': jax.devices()[0].device_kind,
             'num_devices': mesh.size}
   result.update(task.result())

@@ -343,6 +343,106 @@ class StopSignals:
                          'checkpoint saved, rerun the same command to resume')
 
 
+class Schedule(NamedTuple):
+  """When a loop logs, evaluates and checkpoints (every N steps, and all
+  three at the last step)."""
+  num_steps: int
+  eval_every: int
+  log_every: int
+  checkpoint_every: int
+
+
+class LoopStats(NamedTuple):
+  step: int               # The step the loop stopped at.
+  early_stopped: bool     # `should_stop` ended it after an evaluation.
+  train_seconds: float    # Training time of this invocation (no evaluations
+                          # or checkpoints).
+  steps_per_sec: float | None   # Without the first (compiling) interval
+                                # unless it is the only one.
+
+
+def run_loop(*, schedule: Schedule, start_step: int, checkpointer: Checkpointer,
+             metrics_log: MetricsLog, train_step: Callable[[int], Any],
+             log_text: Callable[[Any], str], evaluate_row: Callable[[int, Any,
+                                                                     float],
+                                                                    dict],
+             payload: Callable[[float], Any], check: Callable[[Any], None],
+             should_stop: Callable[[], bool] = lambda: False) -> LoopStats:
+  """The host loop every training script shares, from `start_step` to
+  `schedule.num_steps` (or an early stop).
+
+  The caller owns the state (in closures); the loop owns the schedule, the
+  timing (steps/s, ETA), the metrics log, checkpoints and stop signals:
+    train_step(step) -> metrics     one step, starting at `step`;
+    check(fetched)                  at log points: raise TrainingError on a
+                                    non-finite state (the last good
+                                    checkpoint is kept);
+    log_text(fetched) -> str        the progress line after step/loss/rate;
+    evaluate_row(step, fetched, train_seconds) -> dict
+                                    the metrics.jsonl row (its `step` added);
+    payload(train_seconds)          the checkpoint pytree (called only when
+                                    saving; may itself check health);
+    should_stop()                   after an evaluation: stop early.
+  SIGTERM / SIGINT save a checkpoint at the next step boundary and raise
+  TrainingError (rerun to resume). The checkpointer is closed on return.
+  """
+  stop = StopSignals().install()
+  step = start_step
+  t_last, step_last = time.perf_counter(), start_step
+  train_seconds, timed_seconds, timed_steps = 0.0, 0.0, 0
+  early_stopped = False
+
+  def save():
+    checkpointer.save(step, payload(train_seconds))
+
+  try:
+    while step < schedule.num_steps:
+      metrics = train_step(step)
+      step += 1
+      last = step == schedule.num_steps
+      is_eval = step % schedule.eval_every == 0 or last
+      is_ckpt = step % schedule.checkpoint_every == 0 or last
+      if step % schedule.log_every == 0 or is_eval or is_ckpt:
+        fetched = jax.device_get(metrics)
+        check(fetched)
+        now = time.perf_counter()
+        train_seconds += now - t_last
+        if step_last > start_step or last:
+          timed_seconds += now - t_last   # Skips the compile interval.
+          timed_steps += step - step_last
+        rate = (step - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, step
+        logging.info('step %d/%d  loss %.4f  %s%.1f steps/s  ETA %s', step,
+                     schedule.num_steps, float(fetched['loss']),
+                     log_text(fetched), rate,
+                     _format_seconds((schedule.num_steps - step)
+                                     / max(rate, 1e-9)))
+      if is_eval:
+        row = {'step': step}
+        row.update(evaluate_row(step, fetched, train_seconds))
+        metrics_log.append(row)
+        logging.info('eval %s', json.dumps(row, sort_keys=True))
+        t_last = time.perf_counter()   # Evaluation is not training time.
+        if should_stop():
+          early_stopped = True
+          save()
+          break
+      if is_ckpt:
+        save()
+        t_last = time.perf_counter()
+      if stop.signal is not None:
+        raise StopRequested()
+  except StopRequested:
+    save()
+    checkpointer.close()
+    raise stop.error(step) from None
+  finally:
+    stop.restore()
+  checkpointer.close()
+  return LoopStats(step, early_stopped, train_seconds,
+                   timed_steps / timed_seconds if timed_seconds > 0 else None)
+
+
 def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
         train_step: Callable, eval_batch: Callable,
         train_data: tuple[np.ndarray, np.ndarray],
@@ -405,78 +505,53 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
   health = None
   metrics_log = MetricsLog(workdir, start_step, write=primary)
 
-  stop = StopSignals().install()
+  def train_step_at(step):
+    nonlocal state, loss_sum, loss_count, health
+    images, labels = next_batch(sampler.indices(step))
+    state, metrics = train_step(state, images, labels)
+    if wait_each_step:
+      jax.block_until_ready(state)
+    loss_sum = loss_sum + metrics['loss']
+    loss_count = loss_count + 1.0
+    if health is None:
+      health = {'step': jnp.asarray(-1),
+                'flags': jax.tree.map(jnp.ones_like, _health_flags(metrics))}
+    health = _track_health(health, jnp.asarray(step + 1), metrics)
+    return metrics
 
-  def save(step):
+  def check(fetched):
+    del fetched  # The health flags cover every step since the last check.
     if health is not None:
-      check_health(health)  # Never checkpoint a non-finite state.
-    checkpointer.save(step, {'state': state, 'train_loss_sum': loss_sum,
-                             'train_loss_count': loss_count})
+      check_health(health)
 
-  t_start = time.perf_counter()
-  t_last, step_last = t_start, start_step
-  train_time, timed_steps = 0.0, 0
-  step = start_step
-  try:
-    while step < loop.num_steps:
-      idx = sampler.indices(step)
-      images, labels = next_batch(idx)
-      state, metrics = train_step(state, images, labels)
-      if wait_each_step:
-        jax.block_until_ready(state)
-      loss_sum = loss_sum + metrics['loss']
-      loss_count = loss_count + 1.0
-      step += 1
-      if health is None:
-        health = {'step': jnp.asarray(-1),
-                  'flags': jax.tree.map(jnp.ones_like,
-                                        _health_flags(metrics))}
-      health = _track_health(health, jnp.asarray(step), metrics)
+  def evaluate_row(step, fetched, train_seconds):
+    del step, train_seconds
+    nonlocal loss_sum, loss_count
+    row = {'train_loss': float(loss_sum / jnp.maximum(loss_count, 1.0))}
+    row.update(evaluate(eval_batch, state, test_images, test_labels,
+                        place=place_eval))
+    for key in ('sg_loss', 'si_loss'):   # Per interface, last step's.
+      if np.asarray(fetched.get(key, [])).size:
+        row[key] = [float(v) for v in fetched[key]]
+    if diagnostics is not None:
+      for key, value in jax.device_get(diagnostics(state)).items():
+        row[key] = [float(v) for v in np.asarray(value).reshape(-1)]
+    loss_sum, loss_count = zero, zero
+    return row
 
-      is_eval = step % loop.eval_every == 0 or step == loop.num_steps
-      if step % loop.log_every == 0 or is_eval:
-        check_health(health)
-        fetched = jax.device_get(metrics)
-        now = time.perf_counter()
-        rate = (step - step_last) / max(now - t_last, 1e-9)
-        if step_last > start_step or step == loop.num_steps:
-          # The first interval holds compilation: not part of steps_per_sec
-          # unless it is the only one.
-          train_time += now - t_last
-          timed_steps += step - step_last
-        t_last, step_last = now, step
-        eta = (loop.num_steps - step) / max(rate, 1e-9)
-        logging.info('step %d/%d  loss %.4f  %.1f steps/s  ETA %s', step,
-                     loop.num_steps, float(fetched['loss']), rate,
-                     _format_seconds(eta))
-      if is_eval:
-        row = {'step': step,
-               'train_loss': float(loss_sum / jnp.maximum(loss_count, 1.0))}
-        row.update(evaluate(eval_batch, state, test_images, test_labels,
-                            place=place_eval))
-        for key in ('sg_loss', 'si_loss'):   # Per interface, last step's.
-          if np.asarray(fetched.get(key, [])).size:
-            row[key] = [float(v) for v in fetched[key]]
-        if diagnostics is not None:
-          for key, value in jax.device_get(diagnostics(state)).items():
-            row[key] = [float(v) for v in np.asarray(value).reshape(-1)]
-        metrics_log.append(row)
-        logging.info('step %d  test_error %.2f%%  train_loss %.4f', step,
-                     row['test_error'], row['train_loss'])
-        loss_sum, loss_count = zero, zero
-        t_last = time.perf_counter()  # Evaluation is not training time.
-      if step % loop.checkpoint_every == 0 or step == loop.num_steps:
-        save(step)
-        t_last = time.perf_counter()
-      if stop.signal is not None:
-        raise StopRequested()
-  except StopRequested:
-    save(step)
-    checkpointer.close()
-    raise stop.error(step) from None
-  finally:
-    stop.restore()
-  checkpointer.close()
+  def checkpoint_payload(train_seconds):
+    del train_seconds
+    check(None)  # Never checkpoint a non-finite state.
+    return {'state': state, 'train_loss_sum': loss_sum,
+            'train_loss_count': loss_count}
+
+  stats = run_loop(
+      schedule=Schedule(loop.num_steps, loop.eval_every, loop.log_every,
+                        loop.checkpoint_every),
+      start_step=start_step, checkpointer=checkpointer,
+      metrics_log=metrics_log, train_step=train_step_at,
+      log_text=lambda fetched: '', evaluate_row=evaluate_row,
+      payload=checkpoint_payload, check=check)
 
   rows = metrics_log.rows
   best = min(rows, key=lambda r: r['test_error'])
@@ -487,7 +562,7 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
       'train_loss': rows[-1]['train_loss'],
       'best_test_error': best['test_error'],
       'best_step': best['step'],
-      'steps_per_sec': (timed_steps / train_time) if train_time > 0 else None,
+      'steps_per_sec': stats.steps_per_sec,
   }
   result.update(extra_result or {})
   if primary:
