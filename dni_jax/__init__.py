@@ -10,9 +10,14 @@ from dni_jax.feedforward import ModuleState
 from dni_jax.feedforward import per_layer_train_step
 from dni_jax.interface import pull_back
 from dni_jax.interface import synthetic_gradient_loss
+from dni_jax.multinet import make_multinet
+from dni_jax.multinet import Multinet
+from dni_jax.multinet import MultinetConfig
+from dni_jax.multinet import NetState
 from dni_jax.parallel import initialize_distributed
 from dni_jax.parallel import make_data_mesh
 from dni_jax.parallel import make_data_parallel
+from dni_jax.parallel import make_data_parallel_recurrent
 from dni_jax.parallel import make_per_device_step
 from dni_jax.parallel import make_shard_map_step
 from dni_jax.parallel import shard_batch

@@ -356,7 +356,8 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
     bits_sum += float(np.sum(jax.device_get(pending)))
     bits_count += len(pending)
     pending = []
-    return (f'bits {float(fetched["bits"]):.4f}  '
+    return (f'loss {float(fetched["loss"]):.4f}  '
+            f'bits {float(fetched["bits"]):.4f}  '
             f'sg_loss {float(fetched["sg_loss"]):.3g}  ')
 
   def evaluate_row(step, fetched, seconds):

@@ -350,6 +350,8 @@ class Schedule(NamedTuple):
   eval_every: int
   log_every: int
   checkpoint_every: int
+  steps_per_call: int = 1   # Steps one `train_step` call advances (all
+                            # periods above are multiples of it).
 
 
 class LoopStats(NamedTuple):
@@ -373,11 +375,13 @@ def run_loop(*, schedule: Schedule, start_step: int, checkpointer: Checkpointer,
 
   The caller owns the state (in closures); the loop owns the schedule, the
   timing (steps/s, ETA), the metrics log, checkpoints and stop signals:
-    train_step(step) -> metrics     one step, starting at `step`;
+    train_step(step) -> metrics     one call (`schedule.steps_per_call`
+                                    steps), starting at `step`;
     check(fetched)                  at log points: raise TrainingError on a
                                     non-finite state (the last good
                                     checkpoint is kept);
-    log_text(fetched) -> str        the progress line after step/loss/rate;
+    log_text(fetched) -> str        the progress line's losses (between
+                                    "step i/N" and steps/s, ETA);
     evaluate_row(step, fetched, train_seconds) -> dict
                                     the metrics.jsonl row (its `step` added);
     payload(train_seconds)          the checkpoint pytree (called only when
@@ -398,7 +402,7 @@ def run_loop(*, schedule: Schedule, start_step: int, checkpointer: Checkpointer,
   try:
     while step < schedule.num_steps:
       metrics = train_step(step)
-      step += 1
+      step += schedule.steps_per_call
       last = step == schedule.num_steps
       is_eval = step % schedule.eval_every == 0 or last
       is_ckpt = step % schedule.checkpoint_every == 0 or last
@@ -412,9 +416,8 @@ def run_loop(*, schedule: Schedule, start_step: int, checkpointer: Checkpointer,
           timed_steps += step - step_last
         rate = (step - step_last) / max(now - t_last, 1e-9)
         t_last, step_last = now, step
-        logging.info('step %d/%d  loss %.4f  %s%.1f steps/s  ETA %s', step,
-                     schedule.num_steps, float(fetched['loss']),
-                     log_text(fetched), rate,
+        logging.info('step %d/%d  %s%.1f steps/s  ETA %s', step,
+                     schedule.num_steps, log_text(fetched), rate,
                      _format_seconds((schedule.num_steps - step)
                                      / max(rate, 1e-9)))
       if is_eval:
@@ -550,7 +553,8 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
                         loop.checkpoint_every),
       start_step=start_step, checkpointer=checkpointer,
       metrics_log=metrics_log, train_step=train_step_at,
-      log_text=lambda fetched: '', evaluate_row=evaluate_row,
+      log_text=lambda fetched: f'loss {float(fetched["loss"]):.4f}  ',
+      evaluate_row=evaluate_row,
       payload=checkpoint_payload, check=check)
 
   rows = metrics_log.rows

@@ -1,0 +1,279 @@
+"""The multi-network experiment (Sec. 3.3, A.4) behind
+`scripts/train_multinet.py`: settings in, workdir out.
+
+The workdir contract of `training.fit` (config.json, metrics.jsonl with `step`,
+result.json written last and atomically, orbax checkpoints, resume, stop on a
+signal). A *step* is one time step of Network A (one digit per stream); the
+loop advances one block of T^2 steps at a time, so --num_steps, --eval_every,
+--log_every and --checkpoint_every must be multiples of T^2. The digit stream
+depends only on (seed, block index), so a resumed run sees the same digits as
+an uninterrupted one.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dni_jax import multinet
+from dni_jax import training
+from dni_jax.data import datasets
+
+_TRAIN, _TEST = 0, 1   # Stream ids in the sampler's seed sequence.
+
+
+@dataclasses.dataclass(frozen=True)
+class MultinetExperiment:
+  """Everything `scripts/train_multinet.py` sets; validated on construction."""
+  workdir: str
+  data_dir: str | None = None
+  mode: str = 'dni'
+  tick: int = 4
+  sg_scale: float | None = None      # None: 10 (A.4); dni only.
+  learning_rate: float = 1e-5        # A.4.
+  batch_size: int = 64
+  hidden_size: int = 256             # A.4: FCN, LSTMs, message, M's hidden.
+  num_steps: int = 200_000
+  eval_every: int | None = None      # None: 125 T^2 (2000 at T = 4).
+  log_every: int | None = None       # None: 25 T^2.
+  checkpoint_every: int | None = None  # None: 625 T^2.
+  eval_streams: int = 256
+  eval_blocks: int = 16
+  seed: int = 0
+  overwrite: bool = False
+
+  def __post_init__(self):
+    def bad(flag, msg):
+      raise ValueError(f'--{flag}={getattr(self, flag)}: {msg}')
+    if not self.workdir:
+      raise ValueError('--workdir is required')
+    if not self.data_dir:
+      raise ValueError('--data_dir is required (a folder with the MNIST IDX '
+                       'files)')
+    if self.mode not in multinet.MODES:
+      bad('mode', f'must be one of {", ".join(multinet.MODES)}')
+    for flag in ('tick', 'batch_size', 'hidden_size', 'num_steps',
+                 'eval_every', 'log_every', 'checkpoint_every', 'eval_streams',
+                 'eval_blocks'):
+      value = getattr(self, flag)
+      if value is not None and value < 1:
+        bad(flag, 'must be a positive integer')
+    if self.batch_size < 2:
+      bad('batch_size', 'must be at least 2 (batch normalisation)')
+    if self.eval_streams < 2:
+      bad('eval_streams', 'must be at least 2')
+    block = self.tick ** 2
+    for flag in ('num_steps', 'eval_every', 'log_every', 'checkpoint_every'):
+      value = getattr(self, flag)
+      if value is not None and value % block:
+        bad(flag, f'must be a multiple of tick^2 = {block} (the loop advances '
+            f'one block of tick^2 steps at a time)')
+    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+      bad('learning_rate', 'must be a positive finite number')
+    if self.sg_scale is not None:
+      if self.mode != 'dni':
+        raise ValueError(f'--sg_scale needs synthetic gradients: use '
+                         f'--mode=dni (got --mode={self.mode})')
+      if not (self.sg_scale > 0 and math.isfinite(self.sg_scale)):
+        bad('sg_scale', 'must be a positive finite number')
+    if self.seed < 0:
+      bad('seed', 'must be >= 0')
+
+  @property
+  def resolved(self) -> dict[str, Any]:
+    block = self.tick ** 2
+    return {
+        'sg_scale': (10.0 if self.sg_scale is None else self.sg_scale)
+                    if self.mode == 'dni' else None,
+        'eval_every': self.eval_every or 125 * block,
+        'log_every': self.log_every or 25 * block,
+        'checkpoint_every': self.checkpoint_every or 625 * block,
+    }
+
+  def config_record(self) -> dict[str, Any]:
+    record = dataclasses.asdict(self)
+    record.update(self.resolved)
+    del record['overwrite']
+    record['data_dir'] = os.path.abspath(self.data_dir)
+    return record
+
+  def model_config(self) -> multinet.MultinetConfig:
+    h = self.hidden_size
+    return multinet.MultinetConfig(
+        mode=self.mode, tick=self.tick, fcn_size=h, hidden_size=h,
+        message_size=h, sg_hidden_size=h,
+        sg_scale=self.resolved['sg_scale'] or 10.0,
+        learning_rate=self.learning_rate)
+
+
+class DigitStream:
+  """`batch_size` independent streams of digits drawn uniformly with
+  replacement from (images, labels); block k (steps [k T^2, (k+1) T^2)) is a
+  function of (seed, stream id, k) only."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, tick: int,
+               batch_size: int, seed: int, stream_id: int):
+    self.images = jnp.asarray(images.reshape(images.shape[0], -1))
+    self.labels = np.asarray(labels)
+    self.tick, self.batch_size = tick, batch_size
+    self.seed, self.stream_id = seed, stream_id
+
+  def indices(self, k: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, self.stream_id, k])
+    return rng.integers(0, self.labels.shape[0],
+                        size=(self.batch_size, self.tick ** 2))
+
+  def block(self, k: int) -> multinet.Block:
+    idx = self.indices(k)
+    previous = self.labels[self.indices(k - 1)] if k > 0 else None
+    a_targets, b_targets = multinet.stream_targets(self.labels[idx], self.tick,
+                                                   previous)
+    return multinet.Block(_gather(self.images, jnp.asarray(idx)),
+                          jnp.asarray(a_targets), jnp.asarray(b_targets))
+
+
+@jax.jit
+def _gather(images_NxD, idx_BxL):
+  return images_NxD[idx_BxL]
+
+
+def evaluate(net: multinet.Multinet, state_a, state_b,
+             stream: DigitStream, num_blocks: int) -> dict[str, float]:
+  """Test errors (%) of A and B over `num_blocks` blocks of the test stream,
+  with BN's running averages. Same streams every time. The streams start
+  from zero states and one block of T^2 steps runs first unscored (a burn-in:
+  training streams never restart, and B's first window would be partial)."""
+  config = net.config
+  carry_a = multinet.zero_carry(config, stream.batch_size)
+  carry_b = multinet.zero_carry(config, stream.batch_size)
+  totals = None
+  for k in range(num_blocks + 1):
+    carry_a, carry_b, sums = net.evaluate_block(state_a, state_b, carry_a,
+                                                carry_b, stream.block(k))
+    if k > 0:
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  return {
+      'a_test_error': round(100.0 * float(totals['a_wrong'])
+                            / float(totals['a_count']), 4),
+      'b_test_error': round(100.0 * float(totals['b_wrong'])
+                            / float(totals['b_count']), 4)}
+
+
+def _load(data_dir: str, split: str, tick: int, batch_size: int, seed: int,
+          stream_id: int) -> DigitStream:
+  data = datasets.load_dataset('mnist', split, data_dir)
+  return DigitStream(data.images, data.labels, tick, batch_size, seed,
+                     stream_id)
+
+
+def train_multinet(exp: MultinetExperiment) -> dict:
+  """Runs (or resumes) one experiment; returns result.json's dict."""
+  if not os.path.isdir(exp.data_dir):
+    raise datasets.DataError(f'--data_dir={exp.data_dir}: no such folder')
+  # Read the data before touching the workdir: a bad --data_dir leaves none.
+  train_stream = _load(exp.data_dir, 'train', exp.tick, exp.batch_size,
+                       exp.seed, _TRAIN)
+  test_stream = _load(exp.data_dir, 'test', exp.tick, exp.eval_streams,
+                      exp.seed, _TEST)
+  status = training.prepare_workdir(exp.workdir, exp.config_record(),
+                                    exp.overwrite)
+  if status == 'finished':
+    logging.info('%s already holds a finished run; nothing to do', exp.workdir)
+    with open(os.path.join(exp.workdir, training.RESULT_FILE)) as f:
+      return json.load(f)
+  net = multinet.make_multinet(exp.model_config())
+  r = exp.resolved
+  block = exp.tick ** 2
+
+  state_a, state_b = net.init(jax.random.key(exp.seed), exp.batch_size)
+  zero = np.zeros((), np.float64)
+  payload = {'a': state_a, 'b': state_b, 'train_time': zero}
+  training.quiet_orbax_logging()
+  checkpointer = training.Checkpointer(exp.workdir)
+  start_step, restored = checkpointer.restore_latest(
+      jax.eval_shape(lambda: payload))
+  if restored is not None:
+    payload = restored
+    logging.info('resumed from %s/%d', checkpointer.directory, start_step)
+  state_a, state_b = payload['a'], payload['b']
+  train_time = float(payload['train_time'])
+  metrics_log = training.MetricsLog(exp.workdir, start_step)
+  sums, sums_blocks = None, 0   # Training answers since the last evaluation.
+  done = start_step   # Steps taken so far.
+
+  def train_step_at(step):
+    nonlocal state_a, state_b, sums, sums_blocks, done
+    state_a, state_b, metrics = net.train_block(
+        state_a, state_b, train_stream.block(step // block))
+    done = step + block
+    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+    sums_blocks += 1
+    return metrics
+
+  def check(fetched):
+    for name in ('a_loss', 'b_loss', 'sg_loss'):
+      if not np.isfinite(fetched[name]):
+        raise training.TrainingError(
+            f'non-finite {name} at step {done}; stopped, the last good '
+            'checkpoint is kept')
+
+  def evaluate_row(step, fetched, seconds):
+    del step
+    nonlocal sums, sums_blocks
+    totals = jax.device_get(sums)
+    answers = sums_blocks * exp.batch_size * exp.tick   # Each network's.
+    row = {'a_train_error': round(100.0 * float(totals['a_wrong']) / answers,
+                                  4),
+           'b_train_error': round(100.0 * float(totals['b_wrong']) / answers,
+                                  4),
+           'sg_loss': float(fetched['sg_loss']),
+           'a_updates': int(state_a.updates),
+           'b_updates': int(state_b.updates),
+           'train_time': round(train_time + seconds, 3)}
+    if exp.mode == 'dni':   # Mean over the interval's B updates.
+      row['sg_cosine'] = round(float(totals['sg_cosine']) / sums_blocks, 5)
+    row.update(evaluate(net, state_a, state_b, test_stream, exp.eval_blocks))
+    sums, sums_blocks = None, 0
+    return row
+
+  stats = training.run_loop(
+      schedule=training.Schedule(exp.num_steps, r['eval_every'],
+                                 r['log_every'], r['checkpoint_every'],
+                                 steps_per_call=block),
+      start_step=start_step, checkpointer=checkpointer,
+      metrics_log=metrics_log, train_step=train_step_at,
+      log_text=lambda fetched: (
+          f'A loss {float(fetched["a_loss"]):.4f}  '
+          f'B loss {float(fetched["b_loss"]):.4f}  '
+          f'sg_loss {float(fetched["sg_loss"]):.3g}  '),
+      evaluate_row=evaluate_row,
+      payload=lambda seconds: {
+          'a': state_a, 'b': state_b,
+          'train_time': np.asarray(train_time + seconds, np.float64)},
+      check=check)
+  step = stats.step
+  train_time += stats.train_seconds
+
+  rows = metrics_log.rows
+  result = {'mode': exp.mode, 'tick': exp.tick, 'num_steps': step,
+            'a_updates': int(state_a.updates),
+            'b_updates': int(state_b.updates),
+            'train_time': round(train_time, 3),
+            'steps_per_sec': stats.steps_per_sec,
+            'device': jax.devices()[0].device_kind}
+  for net_name in ('a', 'b'):
+    key = f'{net_name}_test_error'
+    best = min(rows, key=lambda row, key=key: row[key])
+    result[key] = rows[-1][key]
+    result[f'best_{key}'] = best[key]
+    result[f'best_{net_name}_step'] = best['step']
+  training.write_json_atomic(os.path.join(exp.workdir, training.RESULT_FILE),
+                             result)
+  return result
