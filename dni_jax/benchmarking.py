@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -359,38 +360,63 @@ def _replicated(mesh, value):
   return pl.global_array(mesh, jax.P(), value)
 
 
-def stage_compute_times(config, batch_size, warmup, steps) -> list[float]:
-  """Seconds of each stage's work in one tick (both phases of
-  `pipeline_tick_local` for that stage, as one jitted function on this
-  device: no collectives, no switch)."""
+def _stage_computations(config, batch_size) -> list[tuple[Callable, tuple]]:
+  """Per stage: (jitted fn, args) doing that stage's work of one tick (both
+  phases of `pipeline_tick_local` on its own modules: no collectives, no
+  switch)."""
   modules = feedforward.build_modules(config)
   layout = pl.pipeline_layout(config, modules, batch_size)
   ff_state = jax.jit(functools.partial(feedforward.init, modules, config))(
       jax.random.key(0))
-  blocks, synthetic = jax.jit(functools.partial(pl.stack_stages, layout))(
-      ff_state)
+  blocks, synthetic = pl._stage_trees(layout.stages, ff_state)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.random(
       (batch_size,) + tuple(config.input_shape), np.float32))
   labels = jnp.zeros((batch_size,), jnp.int32)
   acts = jnp.asarray(rng.random((batch_size, layout.width), np.float32))
-  times = []
+  out = []
   for s in range(len(layout.stages)):
-    def stage_compute(blocks, synthetic, images, labels, acts, s=s):
-      new_blocks = pl.stage_block_phase(modules, layout, s, blocks, synthetic,
-                                        images, labels, acts, labels)
+    def stage_compute(block, synthetic, images, labels, acts, s=s):
+      new_block = pl.stage_block_phase(modules, layout, s, block, synthetic,
+                                       images, labels, acts, labels)
       new_synthetic = pl.stage_synthetic_phase(modules, layout, s, synthetic,
                                                acts, labels, acts)
-      return new_blocks, new_synthetic
-    args = ({d: b[s] for d, b in blocks.items()},
-            {d: b[s] for d, b in synthetic.items()}, images, labels, acts)
-    times.append(time_call(jax.jit(stage_compute), args, warmup, steps))
-  return times
+      return new_block, new_synthetic
+    out.append((jax.jit(stage_compute),
+                (blocks[s], synthetic[s], images, labels, acts)))
+  return out
+
+
+def stage_compute_times(config, batch_size, warmup, steps) -> list[float]:
+  """Seconds of each stage's work in one tick, one stage after another on
+  this device (`_stage_computations`)."""
+  return [time_call(fn, args, warmup, steps)
+          for fn, args in _stage_computations(config, batch_size)]
+
+
+def _per_call(spec: dict, step: Callable, scanned: Callable, images,
+              labels):
+  """(step, args) running `spec['steps_per_call']` (K) training steps per
+  call: `step` itself for K = 1, else `scanned` on K stacked copies of the
+  batch (so the host dispatches and waits once per K steps)."""
+  k = spec.get('steps_per_call', 1)
+  if k == 1:
+    return step, (images, labels)
+  stack = lambda x: jnp.broadcast_to(x, (k,) + x.shape)
+  return scanned, (jax.jit(stack)(images), jax.jit(stack)(labels))
+
+
+def _time_per_step(spec: dict, step: Callable, state, args):
+  """Median seconds per training step (calls of K steps / K), final state."""
+  k = spec.get('steps_per_call', 1)
+  times, state = time_steps(step, state, args, spec['warmup'], spec['steps'])
+  return statistics.median(times) / k, state
 
 
 def run_baseline(spec: dict) -> dict:
   """(1) All stages on one device, one after another: the fused cDNI step of
-  the same network (and, for reference, the fused Bprop step)."""
+  the same network (and, for reference, the fused Bprop step), its state
+  donated, K steps per call (`lax.scan`) as the pipelines get them."""
   out = {}
   if spec.get('balance') == 'measured' and spec.get('boundaries') is None:
     costs, sg = measured_layer_costs(spec)
@@ -401,10 +427,16 @@ def run_baseline(spec: dict) -> dict:
   out['boundaries'] = list(boundaries)
   images, labels = (jnp.asarray(v) for v in _batch(spec))
   for name, config in (('dni', dni), ('bprop', bprop)):
-    ff = feedforward.make_feedforward(config)
-    times, _ = time_steps(ff.train_step, ff.init(jax.random.key(0)),
-                          (images, labels), spec['warmup'], spec['steps'])
-    out[f'{name}_step_s'] = statistics.median(times)
+    ff = feedforward.make_feedforward(config, donate=True)
+
+    def scanned(state, images, labels, modules=ff.modules):
+      return jax.lax.scan(
+          lambda st, batch: feedforward.train_step(modules, st, *batch),
+          state, (images, labels))
+    step, args = _per_call(spec, ff.train_step,
+                           jax.jit(scanned, donate_argnums=0), images, labels)
+    out[f'{name}_step_s'], _ = _time_per_step(
+        spec, step, ff.init(jax.random.key(0)), args)
   out['stage_compute_s'] = stage_compute_times(
       dni, spec['batch_size'], spec['warmup'], spec['steps'])
   return out
@@ -412,8 +444,8 @@ def run_baseline(spec: dict) -> dict:
 
 def run_pipelines(spec: dict) -> dict:
   """(2) The decoupled pipeline and (3) the backprop pipeline over every
-  device of the (possibly multi-process) runtime, one stage per device.
-  Returns this process's measurements."""
+  device of the (possibly multi-process) runtime, one stage per device,
+  states donated, K steps per call. Returns this process's measurements."""
   dni, bprop, boundaries = pipeline_configs(spec)
   num_stages = spec['num_stages']
   mesh = pl.stage_mesh(num_stages)
@@ -421,34 +453,50 @@ def run_pipelines(spec: dict) -> dict:
   images_g, labels_g = _replicated(mesh, images), _replicated(mesh, labels)
   out = {'process_index': jax.process_index()}
 
-  pipe = pl.make_pipeline(dni, mesh, spec['batch_size'])
-  times, state = time_steps(pipe.tick, pipe.init(jax.random.key(0)),
-                            (images_g, labels_g), spec['warmup'],
-                            spec['steps'])
-  out['pipeline_tick_s'] = statistics.median(times)
+  pipe = pl.make_pipeline(dni, mesh, spec['batch_size'], donate=True)
+  step, args = _per_call(spec, pipe.tick, pipe.ticks, images_g, labels_g)
+  out['pipeline_tick_s'], _ = _time_per_step(
+      spec, step, pipe.init(jax.random.key(0)), args)
 
-  # The communication of one tick on its own.
-  layout = pipe.layout
+  # The communication of one tick on its own: the message up (activation,
+  # labels, flag) and the gradient down, one collective each.
+  B, D = spec['batch_size'], pipe.layout.width
   up = [(i, i + 1) for i in range(num_stages - 1)]
   down = [(i + 1, i) for i in range(num_stages - 1)]
 
-  def communicate(h, y, g):
-    return (jax.lax.ppermute((h, y), pl.STAGE_AXIS, up),
-            jax.lax.ppermute(g, pl.STAGE_AXIS, down))
+  def communicate(message, gradient):
+    return (jax.lax.ppermute(message, pl.STAGE_AXIS, up),
+            jax.lax.ppermute(gradient, pl.STAGE_AXIS, down))
   comm = jax.jit(jax.shard_map(
       communicate, mesh=mesh, in_specs=jax.P(pl.STAGE_AXIS),
       out_specs=jax.P(pl.STAGE_AXIS)))
+  spec_stage = jax.P(pl.STAGE_AXIS)
   out['communication_s'] = time_call(
-      comm, (state.outputs, state.output_labels, state.inputs),
+      comm, (pl.global_array(mesh, spec_stage, np.zeros(
+          (num_stages, B, D + 2), np.float32)),
+             pl.global_array(mesh, spec_stage, np.zeros(
+                 (num_stages, B, D), np.float32))),
       spec['warmup'], spec['steps'])
-  out['activation_bytes_per_message'] = (
-      spec['batch_size'] * layout.width * 4)
+  out['activation_bytes_per_message'] = B * D * 4
+
+  if jax.process_count() > 1:
+    # This process's stage alone on its device while every other process
+    # times its own at the same moment (no collectives): what a stage costs
+    # when all cores are busy at once, the floor of a tick on this host.
+    stage = list(mesh.devices.flat).index(jax.local_devices()[0])
+    fn, args = _stage_computations(dni, spec['batch_size'])[stage]
+    jax.block_until_ready(fn(*args))
+    multihost_utils.sync_global_devices('stage_compute_concurrent')
+    out['stage'] = stage
+    out['stage_compute_concurrent_s'] = time_call(fn, args, spec['warmup'],
+                                                  spec['steps'])
 
   bp = pl.make_backprop_pipeline(bprop, mesh, spec['batch_size'], boundaries,
-                                 spec['microbatches'])
-  times, _ = time_steps(bp.train_step, bp.init(jax.random.key(0)),
-                        (images_g, labels_g), spec['warmup'], spec['steps'])
-  out['backprop_pipeline_step_s'] = statistics.median(times)
+                                 spec['microbatches'], donate=True)
+  step, args = _per_call(spec, bp.train_step, bp.train_steps, images_g,
+                         labels_g)
+  out['backprop_pipeline_step_s'], _ = _time_per_step(
+      spec, step, bp.init(jax.random.key(0)), args)
   return out
 
 
@@ -470,8 +518,11 @@ def run_check(spec: dict) -> dict:
     images, labels = _batch(spec, seed=tick)
     state, _ = pipe.tick(state, _replicated(mesh, images),
                          _replicated(mesh, labels))
-  named = {f'blocks.{d}': b for d, b in state.blocks.items()}
-  named.update({f'synthetic.{d}': b for d, b in state.synthetic.items()})
+  named = {f'blocks{jax.tree_util.keystr(path)}': leaf for path, leaf in
+           jax.tree_util.tree_leaves_with_path(state.blocks)}
+  named.update({f'synthetic{jax.tree_util.keystr(path)}': leaf
+                for path, leaf in
+                jax.tree_util.tree_leaves_with_path(state.synthetic)})
   named.update(inputs=state.inputs, outputs=state.outputs)
   if jax.process_count() == 1:
     return {k: np.asarray(v) for k, v in named.items()}
@@ -620,6 +671,9 @@ def summarize_pipeline(spec: dict, baseline: dict, workers: list[dict],
       'num_stages': spec['num_stages'],
       'microbatches': spec['microbatches'],
       'warmup': spec['warmup'], 'steps': spec['steps'],
+      # Training steps (ticks) per dispatched call, all three ways; every
+      # state is donated (updated in place).
+      'steps_per_call': spec.get('steps_per_call', 1),
       'seconds_per_example': {k: 1.0 / v for k, v in throughput.items()},
       'examples_per_second': throughput,
       'pipeline_speedup': throughput['dni_pipeline'] / throughput[
@@ -632,6 +686,11 @@ def summarize_pipeline(spec: dict, baseline: dict, workers: list[dict],
       'backprop_pipeline_step_s': bp_step,
       # Measured alone on one device (in the baseline's process).
       'stage_compute_s': baseline['stage_compute_s'],
+      # Each worker's own stage, all workers at once (--processes only).
+      'stage_compute_concurrent_s': [
+          w['stage_compute_concurrent_s'] for w in sorted(
+              workers, key=lambda w: w['stage'])] if all(
+                  'stage' in w for w in workers) else None,
       'communication_s': max(w['communication_s'] for w in workers),
       'activation_bytes_per_message': workers[0][
           'activation_bytes_per_message'],
@@ -673,10 +732,16 @@ def pipeline_markdown(result: dict) -> str:
   table = markdown_table(rows, ['way', 'ms per step', 'µs per example',
                                 'examples/s', 'vs (1)'])
   stages = ', '.join(f'{1e3 * t:.2f}' for t in result['stage_compute_s'])
+  if result.get('stage_compute_concurrent_s'):
+    stages += ' alone, ' + ', '.join(
+        f'{1e3 * t:.2f}' for t in result['stage_compute_concurrent_s']) + (
+            ' with every core busy at once')
   table += (f'\nPer-stage compute per tick (ms): {stages}; communication per '
             f'tick: {1e3 * result["communication_s"]:.2f} ms '
             f'({result["activation_bytes_per_message"]} bytes each way per '
-            'interface).\n')
+            f'interface). Steps per call: {result["steps_per_call"]}; stage '
+            f'boundaries after layers {result["network"]["stage_boundaries"]}'
+            '.\n')
   return table
 
 

@@ -32,15 +32,30 @@ micro-batch, in order. This equals, up to float summation order, one step of
 (tests/test_pipeline.py).
 
 SPMD layout: under `shard_map` every device runs one program, but stages
-differ (the first reads the images, the top one holds the classifier). Each
-stage's module states are therefore *packed*: its pytree is flattened into one
-1-D buffer per dtype, zero-padded to the longest stage, and the stages are
-stacked along a leading axis sharded over `stage`. The tick unpacks its own
-slice inside `lax.switch(axis_index('stage'), per-stage branches)`, calls the
-per-module functions of `dni_jax.feedforward`, and packs the result: exact
-(reshapes and slices), and any network the feedforward protocol supports can
-be staged this way. Activations crossing stages are flattened per example and
-padded to the widest interface.
+differ (the first reads the images, the top one holds the classifier). The
+state therefore holds, for every stage s, its own pytree of module states
+(unpacked: each module keeps its Flax structure), every leaf with a leading
+stage axis [S, ...] sharded over `stage`: device s holds the real values of
+stage s and zero placeholders of the other stages' modules. The tick updates
+stage k's modules under `lax.cond(axis_index('stage') == k, update, keep)`,
+one cond per stage: the update calls the per-module functions of
+`dni_jax.feedforward`; elsewhere the placeholders stay untouched, in place.
+With two stages, one cyclic `ppermute` per tick carries both directions. Exact, and any network the
+feedforward protocol supports can be staged this way. The price is memory:
+every device holds a placeholder the size of every other stage's state (S
+times the state in all). An earlier layout packed each stage into one flat
+zero-padded buffer per dtype instead, which costs no placeholders, but the
+unpacking and re-packing copied the whole state (parameters and both Adam
+moments) every tick and doubled a stage's compute at 1000 units
+(docs/PERFORMANCE.md). Activations crossing stages are flattened per example
+and padded to the widest interface; their labels and validity flag travel in
+the same message.
+
+`ticks` runs K ticks in one call (`lax.scan` over K batches inside the one
+`shard_map`), so the host dispatches and synchronises once per K batches; it
+computes exactly what K calls of `tick` compute (tests/test_pipeline.py). (Over
+gloo on CPU, collectives inside the scan's loop measured slower than K calls:
+docs/PERFORMANCE.md.)
 
 The same code runs over fake CPU devices, one process per pinned CPU core
 (`scripts/benchmark.py --suite=pipeline --processes=N`), or real accelerators
@@ -50,7 +65,7 @@ on one or many hosts: only the mesh's devices differ.
 import functools
 import itertools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 from jax import lax
@@ -66,60 +81,19 @@ ModuleState = feedforward.ModuleState
 
 
 # ---------------------------------------------------------------------------
-# Packing: a pytree <-> one zero-padded 1-D buffer per dtype.
+# Stage-stacked states and the messages between stages.
 # ---------------------------------------------------------------------------
 
-class PackSpec(NamedTuple):
-  """How a pytree is laid out in per-dtype flat buffers (static)."""
-  treedef: Any
-  shapes: tuple[tuple[int, ...], ...]
-  dtypes: tuple[str, ...]
-
-  def sizes(self) -> dict[str, int]:
-    total = {}
-    for shape, dtype in zip(self.shapes, self.dtypes):
-      total[dtype] = total.get(dtype, 0) + math.prod(shape)
-    return total
+def place_stage(tree, s: int, num_stages: int):
+  """Stage s's pytree with a leading stage axis [S, ...]: its own values at
+  index s, zero placeholders at the other stages."""
+  return jax.tree.map(
+      lambda x: jnp.zeros((num_stages,) + x.shape, x.dtype).at[s].set(x), tree)
 
 
-def pack_spec(tree) -> PackSpec:
-  """The layout of `tree` (arrays or ShapeDtypeStructs)."""
-  leaves, treedef = jax.tree.flatten(tree)
-  return PackSpec(treedef, tuple(tuple(l.shape) for l in leaves),
-                  tuple(jnp.dtype(l.dtype).name for l in leaves))
-
-
-def buffer_widths(specs) -> dict[str, int]:
-  """The common width per dtype (the longest of `specs`, at least 1)."""
-  names = sorted({d for spec in specs for d in spec.dtypes})
-  return {d: max(1, max(spec.sizes().get(d, 0) for spec in specs))
-          for d in names}
-
-
-def pack(spec: PackSpec, tree, widths: dict[str, int]) -> dict[str, Array]:
-  """Flattens `tree` into {dtype: [width]} buffers, zero-padded."""
-  leaves = jax.tree.leaves(tree)
-  parts = {d: [] for d in widths}
-  for leaf, dtype in zip(leaves, spec.dtypes):
-    parts[dtype].append(jnp.ravel(leaf))
-  out = {}
-  for dtype, width in widths.items():
-    used = sum(p.shape[0] for p in parts[dtype])
-    parts[dtype].append(jnp.zeros((width - used,), dtype))
-    out[dtype] = jnp.concatenate(parts[dtype])
-  return out
-
-
-def unpack(spec: PackSpec, buffers: dict[str, Array]):
-  """Inverse of `pack`."""
-  offsets = {d: 0 for d in buffers}
-  leaves = []
-  for shape, dtype in zip(spec.shapes, spec.dtypes):
-    size = math.prod(shape)
-    start = offsets[dtype]
-    leaves.append(buffers[dtype][start:start + size].reshape(shape))
-    offsets[dtype] = start + size
-  return jax.tree.unflatten(spec.treedef, leaves)
+def stage_slice(tree, s: int):
+  """Inverse of `place_stage`: row s of every leaf."""
+  return jax.tree.map(lambda x: x[s], tree)
 
 
 def _flatten_examples(x: Array, width: int) -> Array:
@@ -132,9 +106,49 @@ def _unflatten_examples(flat: Array, shape: tuple[int, ...]) -> Array:
   return flat[:, :math.prod(shape)].reshape((flat.shape[0],) + shape)
 
 
-def _keep(flag: Array, new, old):
-  """`new` where `flag`, else `old` (a stage with no real input this tick)."""
-  return jax.tree.map(lambda n, o: jnp.where(flag, n, o), new, old)
+def _message(h_flat: Array, labels: Array, valid: Array) -> Array:
+  """What a stage sends up: [B, D + 2] float32, the activation, its labels
+  (as floats: exact below 2**24) and the validity flag in one message."""
+  return jnp.concatenate([h_flat, _column(labels, h_flat.shape[0]),
+                          _column(valid, h_flat.shape[0])], axis=1)
+
+
+def _read_message(message: Array, width: int):
+  """Inverse of `_message`: (h_flat, labels, valid)."""
+  return (message[:, :width], message[:, width].astype(jnp.int32),
+          message[0, width + 1] > 0)
+
+
+def _column(x: Array, batch: int) -> Array:
+  """[B] or a scalar -> [B, 1] float32."""
+  return jnp.broadcast_to(x.astype(jnp.float32).reshape(-1, 1), (batch, 1))
+
+
+def _exchange(num_stages: int, s: Array, up_message: Array,
+              down_message: Array):
+  """Sends `up_message` one stage up and `down_message` one stage down (equal
+  shapes); returns (from_below, from_above). Both are cyclic shifts, so in
+  each collective every device sends and receives: over gloo a one-way
+  permute, where one side only waits, measured several times slower. With two
+  stages both directions are the same shift: one collective per tick. What
+  wraps around (stage 0 from the top, the top from stage 0) is no message and
+  must be ignored."""
+  up = [(i, (i + 1) % num_stages) for i in range(num_stages)]
+  if num_stages == 2:
+    received = lax.ppermute(jnp.where(s == 0, up_message, down_message),
+                            STAGE_AXIS, up)
+    return received, received
+  down = [(i, (i - 1) % num_stages) for i in range(num_stages)]
+  return (lax.ppermute(up_message, STAGE_AXIS, up),
+          lax.ppermute(down_message, STAGE_AXIS, down))
+
+
+def _same_on_every_stage(mesh, x: Array) -> Array:
+  """[S, ...] holding the same bits on every stage -> one replicated [...]
+  value, with no collective (each device keeps its own copy; `check_vma` off
+  because JAX cannot know they are equal)."""
+  return jax.shard_map(lambda v: v[0], mesh=mesh, in_specs=jax.P(STAGE_AXIS),
+                       out_specs=jax.P(), check_vma=False)(x)
 
 
 def stage_mesh(num_stages: int, devices=None) -> jax.sharding.Mesh:
@@ -188,13 +202,14 @@ def fcn_costs(config: feedforward.FeedForwardConfig):
 # ---------------------------------------------------------------------------
 
 class PipelineState(NamedTuple):
-  """State of an S-stage decoupled pipeline. Every field has a leading stage
+  """State of an S-stage decoupled pipeline. Every leaf has a leading stage
   axis [S, ...], sharded over the mesh's `stage` axis (B: batch size, D: the
   widest interface, flattened)."""
-  blocks: dict[str, Array]     # [S, W]: the stage's hidden layers (and the
-                               # classifier on the top stage), packed.
-  synthetic: dict[str, Array]  # [S, W']: the synthetic-gradient model on the
-                               # stage's output interface (none on the top).
+  blocks: tuple     # Per stage s: (layer states,) or, on the top stage,
+                    # (layer states, classifier state); real at index s of
+                    # the stage axis, zero placeholders elsewhere.
+  synthetic: tuple  # Per stage s: the synthetic-gradient model on its output
+                    # interface (() on the top stage); likewise placed.
   inputs: Array                # [S, B, D]: what the stage reads next tick, its
                                # predecessor's last output (stage 0: unused).
   input_labels: Array          # [S, B] int32: their labels.
@@ -210,10 +225,6 @@ class PipelineState(NamedTuple):
 class PipelineLayout(NamedTuple):
   """Static facts of a staged network."""
   stages: tuple[tuple[int, ...], ...]   # Hidden layers (0-based) per stage.
-  block_specs: tuple[PackSpec, ...]
-  synthetic_specs: tuple[PackSpec, ...]
-  block_widths: dict[str, int]
-  synthetic_widths: dict[str, int]
   input_shapes: tuple[tuple[int, ...], ...]   # Per example, per stage.
   output_shapes: tuple[tuple[int, ...], ...]  # Per example, stages 0..S-2.
   width: int                                  # D.
@@ -221,7 +232,7 @@ class PipelineLayout(NamedTuple):
 
 
 def _stage_trees(stages, ff_state: feedforward.FeedForwardState):
-  """Per stage: (layer states [+ head on top]), synthetic state or ()."""
+  """Per stage: (layer states [, head on top]), synthetic state or ()."""
   blocks, synth = [], []
   for s, stage in enumerate(stages):
     layer_states = tuple(ff_state.layers[i] for i in stage)
@@ -234,48 +245,41 @@ def _stage_trees(stages, ff_state: feedforward.FeedForwardState):
   return blocks, synth
 
 
-def pipeline_layout(config: feedforward.FeedForwardConfig, modules,
-                    batch_size: int) -> PipelineLayout:
-  """The static layout of `config`'s stages (no devices involved)."""
-  return _layout(config, modules, batch_size, jax.eval_shape(
-      functools.partial(feedforward.init, modules, config),
-      jax.random.key(0)))
-
-
-def _layout(config: feedforward.FeedForwardConfig, modules, batch_size: int,
-            ff_state_shape) -> PipelineLayout:
-  stages = config.blocks
-  blocks, synth = _stage_trees(stages, ff_state_shape)
-  block_specs = tuple(pack_spec(b) for b in blocks)
-  synthetic_specs = tuple(pack_spec(s) for s in synth)
-  # Per-example activation shapes, by abstract evaluation of the layers.
+def _activation_shapes(modules, config, ff_state_shape):
+  """Per-example output shape of every hidden layer (abstract evaluation)."""
   x = jax.ShapeDtypeStruct((1,) + tuple(config.input_shape), jnp.float32)
   shapes = []
   for i, layer_state in enumerate(ff_state_shape.layers):
     x = jax.eval_shape(functools.partial(feedforward.hidden_forward, modules,
                                          i, train=False), layer_state, x)
     shapes.append(tuple(x.shape[1:]))
+  return shapes
+
+
+def pipeline_layout(config: feedforward.FeedForwardConfig, modules,
+                    batch_size: int) -> PipelineLayout:
+  """The static layout of `config`'s stages (no devices involved)."""
+  ff_state_shape = jax.eval_shape(
+      functools.partial(feedforward.init, modules, config), jax.random.key(0))
+  stages = config.blocks
+  shapes = _activation_shapes(modules, config, ff_state_shape)
   # A stage reads the output of the stage below (the top stage may hold no
   # hidden layer, only the classifier).
   input_shapes = tuple([tuple(config.input_shape)]
                        + [shapes[below[-1]] for below in stages[:-1]])
   output_shapes = tuple(shapes[stage[-1]] for stage in stages[:-1])
   width = max(math.prod(s) for s in output_shapes)
-  return PipelineLayout(stages, block_specs, synthetic_specs,
-                        buffer_widths(block_specs),
-                        buffer_widths(synthetic_specs), input_shapes,
-                        output_shapes, width, batch_size)
+  return PipelineLayout(stages, input_shapes, output_shapes, width,
+                        batch_size)
 
 
 def stack_stages(layout: PipelineLayout, ff_state: feedforward.FeedForwardState):
-  """FeedForwardState -> (blocks, synthetic) packed buffers, [S, W] each."""
+  """FeedForwardState -> (blocks, synthetic), one stage-placed tree per
+  stage (`place_stage`)."""
   blocks, synth = _stage_trees(layout.stages, ff_state)
-  stack = lambda specs, trees, widths: {
-      d: jnp.stack([pack(spec, tree, widths)[d]
-                    for spec, tree in zip(specs, trees)])
-      for d in widths}
-  return (stack(layout.block_specs, blocks, layout.block_widths),
-          stack(layout.synthetic_specs, synth, layout.synthetic_widths))
+  num_stages = len(layout.stages)
+  return (tuple(place_stage(b, s, num_stages) for s, b in enumerate(blocks)),
+          tuple(place_stage(t, s, num_stages) for s, t in enumerate(synth)))
 
 
 def unstack_stages(layout: PipelineLayout, blocks, synthetic,
@@ -285,13 +289,12 @@ def unstack_stages(layout: PipelineLayout, blocks, synthetic,
   layer_states = {}
   synth, head = [], None
   for s, stage in enumerate(layout.stages):
-    tree = unpack(layout.block_specs[s], {d: b[s] for d, b in blocks.items()})
+    tree = stage_slice(blocks[s], s)
     layer_states.update(zip(stage, tree[0]))
     if s == num_stages - 1:
       head = tree[1]
     else:
-      synth.append(unpack(layout.synthetic_specs[s],
-                          {d: b[s] for d, b in synthetic.items()}))
+      synth.append(stage_slice(synthetic[s], s))
   return feedforward.FeedForwardState(
       tuple(layer_states[i] for i in sorted(layer_states)), head,
       tuple(synth), step)
@@ -304,8 +307,10 @@ class Pipeline(NamedTuple):
     from_feedforward(ff_state) -> PipelineState   (empty pipeline)
     to_feedforward(state) -> FeedForwardState
     tick(state, images, labels) -> (state, metrics)  (a train_step)
+    ticks(state, images_KxB, labels_KxB) -> (state, metrics with a leading
+        K axis): K ticks in one call, exactly K calls of `tick`
     eval_batch(state, images, labels) -> sums   (all layers connected)
-  `tick_local` is the per-device program (under `shard_map`).
+  `tick_local` is the per-device program of one tick (under `shard_map`).
   """
   config: feedforward.FeedForwardConfig
   modules: feedforward.Modules
@@ -315,6 +320,7 @@ class Pipeline(NamedTuple):
   from_feedforward: Callable
   to_feedforward: Callable
   tick: Callable
+  ticks: Callable
   eval_batch: Callable
   tick_local: Callable
 
@@ -331,14 +337,15 @@ def _check_dni_config(config: feedforward.FeedForwardConfig):
                      '(two stages)')
 
 
-def stage_block_phase(modules, layout: PipelineLayout, s: int, block_buf,
-                      synthetic_buf, images, labels, x_flat, x_labels):
+def stage_block_phase(modules, layout: PipelineLayout, s: int, block,
+                      synthetic_state, images, labels, x_flat, x_labels):
   """Phase 1 of a tick on stage s (static): the stage's block update.
 
+  `block` and `synthetic_state` are stage s's own trees (no stage axis).
   Stage 0 reads the data, the others the activation received last tick. Below
   the top, the gradient source is the stage's own synthetic-gradient model
   (`feedforward.block_update`); the top stage learns from the loss
-  (`feedforward.top_block_update`). Returns (block_buf, h_flat, grad_x_flat,
+  (`feedforward.top_block_update`). Returns (block, h_flat, grad_x_flat,
   labels, metrics): h and the input gradient flattened to [B, D] (zeros where a
   stage has no successor or predecessor).
   """
@@ -349,21 +356,19 @@ def stage_block_phase(modules, layout: PipelineLayout, s: int, block_buf,
     x, y = images, labels
   else:
     x, y = _unflatten_examples(x_flat, layout.input_shapes[s]), x_labels
-  tree = unpack(layout.block_specs[s], block_buf)
   zeros = jnp.zeros((batch, layout.width), jnp.float32)
   if s < num_stages - 1:
-    sg_state = unpack(layout.synthetic_specs[s], synthetic_buf)
     new_layers, outputs, grad_x, grad_h = feedforward.block_update(
-        modules, stage, tree[0], sg_state, x,
+        modules, stage, block[0], synthetic_state, x,
         feedforward.context_for(modules, y))
-    new_tree = (new_layers,)
+    new_block = (new_layers,)
     h_flat = _flatten_examples(outputs[-1], layout.width)
     loss = accuracy = jnp.zeros((), jnp.float32)
     grad_finite = jnp.all(jnp.isfinite(grad_h))
   else:
     new_layers, head, outputs, grad_x, loss, logits = (
-        feedforward.top_block_update(modules, stage, tree[0], tree[1], x, y))
-    new_tree = (new_layers, head)
+        feedforward.top_block_update(modules, stage, block[0], block[1], x, y))
+    new_block = (new_layers, head)
     h_flat = zeros
     accuracy = jnp.mean(jnp.argmax(logits, -1) == y).astype(jnp.float32)
     grad_finite = jnp.ones((), jnp.bool_)
@@ -376,34 +381,30 @@ def stage_block_phase(modules, layout: PipelineLayout, s: int, block_buf,
       'layer_finite': jnp.all(jnp.stack([
           jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(
               [m.params for m in jax.tree.leaves(
-                  new_tree, is_leaf=lambda m: isinstance(m, ModuleState))])])),
+                  new_block, is_leaf=lambda m: isinstance(m, ModuleState))])])),
       'synthetic_gradient_finite': grad_finite,
   }
-  return pack(layout.block_specs[s], new_tree, layout.block_widths), \
-      h_flat, grad_flat, y, metrics
+  return new_block, h_flat, grad_flat, y, metrics
 
 
 def stage_synthetic_phase(modules, layout: PipelineLayout, s: int,
-                          synthetic_buf, h_flat, h_labels, target_flat):
+                          synthetic_state, h_flat, h_labels, target_flat):
   """Phase 3 of a tick on stage s: regress the stage's synthetic-gradient
   model onto the target its successor just pulled back, at the activation the
   stage sent last tick (`feedforward.synthetic_update`). The top stage has no
-  model. Returns (synthetic_buf, sg_loss)."""
+  model. Returns (synthetic_state, sg_loss)."""
   if s == len(layout.stages) - 1:
-    return synthetic_buf, jnp.zeros((), jnp.float32)
+    return synthetic_state, jnp.zeros((), jnp.float32)
   shape = layout.output_shapes[s]
-  sg_state = unpack(layout.synthetic_specs[s], synthetic_buf)
-  sg_state, sg_loss = feedforward.synthetic_update(
-      modules, sg_state, _unflatten_examples(h_flat, shape),
+  return feedforward.synthetic_update(
+      modules, synthetic_state, _unflatten_examples(h_flat, shape),
       feedforward.context_for(modules, h_labels),
       _unflatten_examples(target_flat, shape))
-  return pack(layout.synthetic_specs[s], sg_state,
-              layout.synthetic_widths), sg_loss
 
 
 def _mark_varying(tree):
   """Marks every array as varying over `stage` (a per-stage value), so that
-  switch branches and scan carries have equal types under shard_map."""
+  cond branches and scan carries have equal types under shard_map."""
   def mark(x):
     if STAGE_AXIS in jax.typeof(x).mat.varying:
       return x
@@ -419,11 +420,6 @@ def _varying(fn):
   return wrapped
 
 
-def _branches(fn, num_stages):
-  """[fn(0, ...), ..., fn(S-1, ...)] for `lax.switch` on the stage index."""
-  return [_varying(functools.partial(fn, s)) for s in range(num_stages)]
-
-
 def _squeeze(tree):
   return jax.tree.map(lambda a: a[0], tree)
 
@@ -432,64 +428,132 @@ def _expand(tree):
   return jax.tree.map(lambda a: a[None], tree)
 
 
+def _select_stage(s: Array, per_stage: list):
+  """Stage s's value of each leaf, from a list with one pytree per stage."""
+  return jax.tree.map(lambda *xs: lax.select_n(s, *xs), *per_stage)
+
+
+def _skip_metrics():
+  """The metrics of a stage that did not update (flags healthy)."""
+  zero, true = jnp.zeros((), jnp.float32), jnp.ones((), jnp.bool_)
+  return {'loss': zero, 'accuracy': zero, 'activation_finite': true,
+          'layer_finite': true, 'synthetic_gradient_finite': true}
+
+
 def pipeline_tick_local(modules, layout: PipelineLayout, state: PipelineState,
                         images: Array, labels: Array):
   """One tick on one stage (the per-device program; call under shard_map).
 
   `state` holds this stage's slice (leading axis of size 1); images and labels
   are this tick's batch (read by stage 0). Returns (state, per-stage metrics).
+  Stage k's modules are updated under `lax.cond(stage == k, update, keep)`,
+  one cond per stage: the device of stage k runs the update, the others keep
+  their placeholder as it is, which XLA aliases in place (a `lax.switch`
+  returning every stage's modules from every branch would copy the other
+  stages' placeholders on every tick).
   """
   num_stages = len(layout.stages)
   s = lax.axis_index(STAGE_AXIS)
   local = _squeeze(state)
   valid = local.input_valid | (s == 0)
+  batch = labels.shape[0]
+  zeros = jnp.zeros((batch, layout.width), jnp.float32)
 
   # 1. Every stage updates its block at once from its synthetic gradient.
-  block_buf, h_flat, grad_flat, y, metrics = lax.switch(
-      s, _branches(functools.partial(stage_block_phase, modules, layout),
-                   num_stages), local.blocks, local.synthetic, images, labels,
-      local.inputs, local.input_labels)
-  block_buf = _keep(valid, block_buf, local.blocks)
+  blocks, outs = [], []
+  for k in range(num_stages):
+    def update(block, k=k):
+      return stage_block_phase(modules, layout, k, block, local.synthetic[k],
+                               images, labels, local.inputs,
+                               local.input_labels)
+    def keep(block):
+      return block, zeros, zeros, local.input_labels, _skip_metrics()
+    block, *out = lax.cond((s == k) & valid, _varying(update), _varying(keep),
+                           local.blocks[k])
+    blocks.append(block)
+    outs.append(out)
+  h_flat, grad_flat, y, metrics = _select_stage(s, outs)
 
-  # 2. Activations (with their labels) go up, input gradients go down.
-  up = [(i, i + 1) for i in range(num_stages - 1)]
-  down = [(i + 1, i) for i in range(num_stages - 1)]
-  inputs, input_labels, input_valid = lax.ppermute(
-      (h_flat, y, valid), STAGE_AXIS, up)
-  target = lax.ppermute(grad_flat, STAGE_AXIS, down)
+  # 2. Activations (with their labels) go up, input gradients (with the top
+  # stage's loss and accuracy) go down.
+  width = layout.width
+  from_below, from_above = _exchange(
+      num_stages, s, _message(h_flat, y, valid),
+      jnp.concatenate([grad_flat, _column(metrics['loss'], batch),
+                       _column(metrics['accuracy'], batch)], axis=1))
+  inputs, input_labels, input_valid = _read_message(from_below, width)
+  inputs = jnp.where(s > 0, inputs, 0.0)   # Stage 0 reads the data.
+  input_valid = input_valid & (s > 0)
+  target = from_above[:, :width]
+  # With two stages both now hold the top stage's loss and accuracy.
+  top = jnp.where(s == num_stages - 1,
+                  jnp.stack([metrics['loss'], metrics['accuracy']]),
+                  from_above[0, width:])
 
   # 3. The synthetic-gradient model regresses onto the target just received,
   # at the activation it was computed from (sent by this stage last tick).
-  synthetic_buf, sg_loss = lax.switch(
-      s, _branches(functools.partial(stage_synthetic_phase, modules, layout),
-                   num_stages), local.synthetic, local.outputs, local.output_labels,
-      target)
   has_target = local.output_valid & (s < num_stages - 1)
-  synthetic_buf = _keep(has_target, synthetic_buf, local.synthetic)
+  synthetic, sg_losses = [], []
+  for k in range(num_stages - 1):
+    def update(sg_state, k=k):
+      return stage_synthetic_phase(modules, layout, k, sg_state,
+                                   local.outputs, local.output_labels, target)
+    def keep(sg_state):
+      return sg_state, jnp.zeros((), jnp.float32)
+    sg_state, sg_loss = lax.cond((s == k) & has_target, _varying(update),
+                                 _varying(keep), local.synthetic[k])
+    synthetic.append(sg_state)
+    sg_losses.append(sg_loss)
+  synthetic.append(local.synthetic[-1])   # The top stage has no model: ().
+  sg_loss = _select_stage(s, sg_losses + [jnp.zeros((), jnp.float32)])
 
   new_local = PipelineState(
-      blocks=block_buf, synthetic=synthetic_buf, inputs=inputs,
+      blocks=tuple(blocks), synthetic=tuple(synthetic), inputs=inputs,
       input_labels=input_labels, input_valid=input_valid, outputs=h_flat,
       output_labels=y, output_valid=valid, step=local.step + 1)
-  metrics = dict(metrics, sg_loss=jnp.where(has_target, sg_loss, 0.0),
-                 loss=jnp.where(valid, metrics['loss'], 0.0),
-                 accuracy=jnp.where(valid, metrics['accuracy'], 0.0),
-                 updated=valid, sg_updated=has_target)
+  metrics = dict(metrics, sg_loss=sg_loss, updated=valid,
+                 sg_updated=has_target, top=top)
   return _expand(new_local), _expand(metrics)
 
 
-def _fit_metrics(per_stage: dict[str, Array]) -> dict[str, Array]:
-  """Per-stage metrics -> the `training.fit` contract of the fused step
-  (loss and accuracy from the top stage; sg_loss per interface)."""
+def _top_metrics(num_stages: int, per_stage: dict[str, Array]) -> Array:
+  """[K, 2]: the top stage's loss and accuracy per tick. With two stages
+  every stage holds them already (`pipeline_tick_local`: same bits, varying
+  only in type); with more, they are summed over the stages (one all-reduce
+  per call; the other stages contribute zeros)."""
+  if num_stages == 2:
+    return per_stage['top'][:, 0]
+  on_top = lax.axis_index(STAGE_AXIS) == num_stages - 1
+  return lax.psum(jnp.where(on_top, jnp.concatenate(
+      [per_stage['loss'], per_stage['accuracy']], axis=1), 0.0), STAGE_AXIS)
+
+
+def pipeline_ticks_local(modules, layout: PipelineLayout, state: PipelineState,
+                         images: Array, labels: Array):
+  """K ticks on one stage (under shard_map): `lax.scan` of
+  `pipeline_tick_local` over images [K, B, ...] and labels [K, B]. Returns
+  (state, per-stage metrics [K, 1] each, top [1, K, 2]: the top stage's loss
+  and accuracy, the same on every stage)."""
+  state, per_stage = lax.scan(
+      lambda st, batch: pipeline_tick_local(modules, layout, st, *batch),
+      state, (images, labels))
+  return state, per_stage, _top_metrics(len(layout.stages), per_stage)[None]
+
+
+def _fit_metrics(per_stage: dict[str, Array], top: Array) -> dict[str, Array]:
+  """Per-stage metrics [K, S] -> the `training.fit` contract of the fused step
+  with a leading K axis (loss and accuracy from the top stage; sg_loss per
+  interface)."""
   return {
-      'loss': per_stage['loss'][-1],
-      'accuracy': per_stage['accuracy'][-1],
-      'sg_loss': per_stage['sg_loss'][:-1],
+      'loss': top[:, 0],
+      'accuracy': top[:, 1],
+      'sg_loss': per_stage['sg_loss'][:, :-1],
       'block_updated': per_stage['updated'],
-      'sg_updated': per_stage['sg_updated'][:-1],
+      'sg_updated': per_stage['sg_updated'][:, :-1],
       'activation_finite': per_stage['activation_finite'],
       'layer_finite': per_stage['layer_finite'],
-      'synthetic_gradient_finite': per_stage['synthetic_gradient_finite'][:-1],
+      'synthetic_gradient_finite': per_stage['synthetic_gradient_finite'][
+          :, :-1],
   }
 
 
@@ -506,7 +570,8 @@ def make_pipeline(config: feedforward.FeedForwardConfig,
                   mesh: jax.sharding.Mesh, batch_size: int, jit: bool = True,
                   donate: bool | None = None) -> Pipeline:
   """The decoupled pipeline of `config` on `mesh` (axis `stage`): one stage
-  per block of `config` (its interfaces are the stage boundaries)."""
+  per block of `config` (its interfaces are the stage boundaries). `donate`
+  (default: on for accelerators) donates the state to `tick` and `ticks`."""
   _check_dni_config(config)
   num_stages = len(config.blocks)
   if mesh.shape.get(STAGE_AXIS) != num_stages:
@@ -514,8 +579,7 @@ def make_pipeline(config: feedforward.FeedForwardConfig,
                      f'axis {STAGE_AXIS!r} is {dict(mesh.shape)}')
   modules = feedforward.build_modules(config)
   init_ff = functools.partial(feedforward.init, modules, config)
-  layout = _layout(config, modules, batch_size,
-                   jax.eval_shape(init_ff, jax.random.key(0)))
+  layout = pipeline_layout(config, modules, batch_size)
   if donate is None:
     donate = jax.default_backend() != 'cpu'
   stage_spec = jax.P(STAGE_AXIS)
@@ -548,23 +612,40 @@ def make_pipeline(config: feedforward.FeedForwardConfig,
 
   tick_local = functools.partial(pipeline_tick_local, modules, layout)
 
+  out_specs = (stage_spec, jax.P(None, STAGE_AXIS), stage_spec)
+
+  def ticks(state, images, labels):
+    new_state, per_stage, top = jax.shard_map(
+        functools.partial(pipeline_ticks_local, modules, layout), mesh=mesh,
+        in_specs=(stage_spec, jax.P(), jax.P()), out_specs=out_specs)(
+            state, images, labels)
+    return new_state, _fit_metrics(per_stage, _same_on_every_stage(mesh, top))
+
+  def one_tick_local(state, images, labels):
+    state, per_stage = tick_local(state, images, labels)
+    per_stage = _expand(per_stage)   # [K=1, 1]
+    return state, per_stage, _top_metrics(num_stages, per_stage)[None]
+
   def tick(state, images, labels):
-    new_state, per_stage = jax.shard_map(
-        tick_local, mesh=mesh, in_specs=(stage_spec, jax.P(), jax.P()),
-        out_specs=(stage_spec, stage_spec))(state, images, labels)
-    return new_state, _fit_metrics(per_stage)
+    new_state, per_stage, top = jax.shard_map(
+        one_tick_local, mesh=mesh, in_specs=(stage_spec, jax.P(), jax.P()),
+        out_specs=out_specs)(state, images, labels)
+    return new_state, jax.tree.map(
+        lambda m: m[0], _fit_metrics(per_stage, _same_on_every_stage(mesh,
+                                                                      top)))
 
   def eval_batch(state, images, labels):
     return feedforward.eval_batch(modules, to_feedforward(state), images,
                                   labels)
 
   wrap = jax.jit if jit else (lambda f, **_: f)
+  donation = {'donate_argnums': (0,) if donate else ()}
   return Pipeline(
       config=config, modules=modules, layout=layout, mesh=mesh, init=init,
       from_feedforward=from_feedforward,
-      to_feedforward=wrap(to_feedforward),
-      tick=wrap(tick, donate_argnums=(0,) if donate else ()),
-      eval_batch=wrap(eval_batch), tick_local=tick_local)
+      to_feedforward=wrap(to_feedforward), tick=wrap(tick, **donation),
+      ticks=wrap(ticks, **donation), eval_batch=wrap(eval_batch),
+      tick_local=tick_local)
 
 
 # ---------------------------------------------------------------------------
@@ -572,10 +653,11 @@ def make_pipeline(config: feedforward.FeedForwardConfig,
 # ---------------------------------------------------------------------------
 
 class BackpropPipelineState(NamedTuple):
-  """[S, ...], sharded over `stage`: each stage's layers (and the classifier
-  on the top stage), packed."""
-  blocks: dict[str, Array]
-  step: Array   # [S] int32.
+  """Every leaf [S, ...], sharded over `stage`."""
+  blocks: tuple   # Per stage s: (layer states,) or, on the top stage,
+                  # (layer states, classifier state), placed as in
+                  # `PipelineState.blocks`.
+  step: Array     # [S] int32.
 
 
 def backprop_stages(num_layers: int,
@@ -588,7 +670,8 @@ def backprop_stages(num_layers: int,
 
 class BackpropPipeline(NamedTuple):
   """What `make_backprop_pipeline` returns (the fields as in `Pipeline`);
-  `train_step(state, images, labels) -> (state, metrics)` is one GPipe step."""
+  `train_step(state, images, labels) -> (state, metrics)` is one GPipe step,
+  `train_steps` K of them in one call (images [K, B, ...])."""
   config: feedforward.FeedForwardConfig
   modules: feedforward.Modules
   stages: tuple[tuple[int, ...], ...]
@@ -598,6 +681,7 @@ class BackpropPipeline(NamedTuple):
   from_feedforward: Callable
   to_feedforward: Callable
   train_step: Callable
+  train_steps: Callable
   eval_batch: Callable
   train_step_local: Callable
 
@@ -610,7 +694,7 @@ def _stage_models(modules, stages, s):
 
 
 def _stage_states(tree, s, num_stages):
-  """Packed stage tree -> list of module states (layers [+ head])."""
+  """Stage tree -> list of module states (layers [+ head])."""
   return list(tree[0]) + ([tree[1]] if s == num_stages - 1 else [])
 
 
@@ -641,21 +725,8 @@ def make_backprop_pipeline(config: feedforward.FeedForwardConfig,
   mb = batch_size // M
   modules = feedforward.build_modules(config)
   init_ff = functools.partial(feedforward.init, modules, config)
-  ff_shape = jax.eval_shape(init_ff, jax.random.key(0))
-  # The DNI layout code gives the shapes; no synthetic models here.
-  trees = [(tuple(ff_shape.layers[i] for i in st),) for st in stages]
-  trees[-1] = trees[-1] + (ff_shape.head,)
-  specs = tuple(pack_spec(t) for t in trees)
-  widths = buffer_widths(specs)
-  param_specs = tuple(pack_spec([m.params for m in _stage_states(
-      t, s, num_stages)]) for s, t in enumerate(trees))
-  param_widths = buffer_widths(param_specs)
-  x = jax.ShapeDtypeStruct((1,) + tuple(config.input_shape), jnp.float32)
-  shapes = []
-  for i, layer_state in enumerate(ff_shape.layers):
-    x = jax.eval_shape(functools.partial(feedforward.hidden_forward, modules,
-                                         i, train=False), layer_state, x)
-    shapes.append(tuple(x.shape[1:]))
+  shapes = _activation_shapes(modules, config,
+                              jax.eval_shape(init_ff, jax.random.key(0)))
   input_shapes = [tuple(config.input_shape)] + [shapes[below[-1]]
                                                 for below in stages[:-1]]
   width = max(math.prod(shapes[st[-1]]) for st in stages[:-1])
@@ -669,29 +740,26 @@ def make_backprop_pipeline(config: feedforward.FeedForwardConfig,
       return images_mb
     return _unflatten_examples(x_flat, input_shapes[s])
 
-  def forward_branch(s, buf, images_mb, labels_mb, x_flat):
-    """Forward of stage s on one micro-batch: (buf with the new BatchNorm
+  def forward(s, block, images_mb, labels_mb, x_flat):
+    """Forward of stage s on one micro-batch: (block with the new BatchNorm
     statistics, h_flat, loss)."""
-    tree = unpack(specs[s], buf)
-    states = _stage_states(tree, s, num_stages)
+    states = _stage_states(block, s, num_stages)
     outputs, _, stats = feedforward.chain_vjp(
         _stage_models(modules, stages, s), states,
         stage_input(s, images_mb, x_flat))
     states = [st._replace(batch_stats=b) for st, b in zip(states, stats)]
-    new_buf = pack(specs[s], _stage_tree(states, s, num_stages), widths)
+    block = _stage_tree(states, s, num_stages)
     if s == num_stages - 1:
       loss, _ = interface.softmax_cross_entropy_grad(outputs[-1], labels_mb)
-      return new_buf, jnp.zeros((mb, width), jnp.float32), loss
-    return (new_buf, _flatten_examples(outputs[-1], width),
+      return block, jnp.zeros((mb, width), jnp.float32), loss
+    return (block, _flatten_examples(outputs[-1], width),
             jnp.zeros((), jnp.float32))
 
-  def backward_branch(s, buf, grads_buf, images_mb, labels_mb, x_flat,
-                      g_flat):
+  def backward(s, block, grads, images_mb, labels_mb, x_flat, g_flat):
     """Re-materialised forward and backward of stage s on one micro-batch,
     from the gradient its successor sent (the top stage: the loss gradient).
-    Returns (accumulated param grads, grad_x_flat)."""
-    tree = unpack(specs[s], buf)
-    states = _stage_states(tree, s, num_stages)
+    Returns (grads + this micro-batch's, grad_x_flat)."""
+    states = _stage_states(block, s, num_stages)
     outputs, vjps, _ = feedforward.chain_vjp(
         _stage_models(modules, stages, s), states,
         stage_input(s, images_mb, x_flat))
@@ -700,97 +768,142 @@ def make_backprop_pipeline(config: feedforward.FeedForwardConfig,
     else:
       grad_h = _unflatten_examples(g_flat, shapes[stages[s][-1]])
     param_grads, input_grads = feedforward.chain_pull_back(vjps, grad_h)
-    acc = unpack(param_specs[s], grads_buf)
-    acc = jax.tree.map(jnp.add, acc, list(param_grads))
+    grads = jax.tree.map(jnp.add, grads, list(param_grads))
     grad_x = (jnp.zeros((mb, width), jnp.float32) if s == 0
               else _flatten_examples(input_grads[0], width))
-    return pack(param_specs[s], acc, param_widths), grad_x
+    return grads, grad_x
 
-  def apply_branch(s, buf, grads_buf):
-    """One Adam step per module with the mean micro-batch gradient."""
-    tree = unpack(specs[s], buf)
-    states = _stage_states(tree, s, num_stages)
-    grads = unpack(param_specs[s], grads_buf)
+  def apply(s, block, grads):
+    """One Adam step per module of stage s with the mean micro-batch
+    gradient."""
+    states = _stage_states(block, s, num_stages)
     states = [feedforward.apply_gradients(
         tx, st, jax.tree.map(lambda g: g / M, g), st.batch_stats)
         for st, g in zip(states, grads)]
-    return pack(specs[s], _stage_tree(states, s, num_stages), widths)
+    return _stage_tree(states, s, num_stages)
 
   def train_step_local(state: BackpropPipelineState, images, labels):
+    # As in the decoupled pipeline, stage k's modules change only under
+    # lax.cond(stage == k, ...), so the other stages' placeholders stay in
+    # place.
     s = lax.axis_index(STAGE_AXIS)
     local = _squeeze(state)
     images_mb = images.reshape((M, mb) + images.shape[1:])
     labels_mb = labels.reshape(M, mb)
-    up = [(i, i + 1) for i in range(num_stages - 1)]
-    down = [(i + 1, i) for i in range(num_stages - 1)]
+    # Cyclic shifts (see `_exchange`); what wraps around is ignored: stage 0
+    # reads the data, the top stage the loss gradient.
+    up = [(i, (i + 1) % num_stages) for i in range(num_stages)]
+    down = [(i, (i - 1) % num_stages) for i in range(num_stages)]
     ticks = M + num_stages - 1
+    zeros = jnp.zeros((mb, width), jnp.float32)
+    zero = jnp.zeros((), jnp.float32)
 
     # Fill: on tick f stage s runs micro-batch f - s forward.
     def forward_tick(carry, f):
-      buf, x_flat, stash, loss_sum = carry
+      blocks, x_flat, stash, loss_sum = carry
       m = f - s
       valid = (m >= 0) & (m < M)
       mc = jnp.clip(m, 0, M - 1)
-      new_buf, h_flat, loss = lax.switch(
-          s, _branches(forward_branch, num_stages),
-          buf, images_mb[mc], labels_mb[mc], x_flat)
-      buf = _keep(valid, new_buf, buf)
+      new_blocks, outs = [], []
+      for k in range(num_stages):
+        block, *out = lax.cond(
+            (s == k) & valid,
+            _varying(functools.partial(forward, k)),
+            _varying(lambda block, *_: (block, zeros, zero)),
+            blocks[k], images_mb[mc], labels_mb[mc], x_flat)
+        new_blocks.append(block)
+        outs.append(out)
+      h_flat, loss = _select_stage(s, outs)
       stash = stash.at[mc].set(jnp.where(valid, x_flat, stash[mc]))
-      loss_sum = loss_sum + jnp.where(valid, loss, 0.0)
+      loss_sum = loss_sum + loss
       x_flat = lax.ppermute(h_flat, STAGE_AXIS, up)
-      return (buf, x_flat, stash, loss_sum), None
+      return (tuple(new_blocks), x_flat, stash, loss_sum), None
 
-    zeros = jnp.zeros((mb, width), jnp.float32)
     stash = jnp.zeros((M, mb, width), jnp.float32)
-    (buf, _, stash, loss_sum), _ = lax.scan(
+    (blocks, _, stash, loss_sum), _ = lax.scan(
         forward_tick,
-        _mark_varying((local.blocks, zeros, stash, jnp.zeros(()))),
+        _mark_varying((local.blocks, zeros, stash, zero)),
         jnp.arange(ticks))
 
     # Drain: on tick b stage s runs micro-batch b - (S - 1 - s) backward.
     def backward_tick(carry, b):
-      grads_buf, g_flat = carry
+      grads, g_flat = carry
       m = b - (num_stages - 1 - s)
       valid = (m >= 0) & (m < M)
       mc = jnp.clip(m, 0, M - 1)
-      new_grads, grad_x = lax.switch(
-          s, _branches(backward_branch, num_stages),
-          buf, grads_buf, images_mb[mc], labels_mb[mc], stash[mc], g_flat)
-      grads_buf = _keep(valid, new_grads, grads_buf)
-      g_flat = lax.ppermute(grad_x, STAGE_AXIS, down)
-      return (grads_buf, g_flat), None
+      new_grads, grads_x = [], []
+      for k in range(num_stages):
+        acc, grad_x = lax.cond(
+            (s == k) & valid,
+            _varying(lambda acc, *args, k=k: backward(k, blocks[k], acc,
+                                                      *args)),
+            _varying(lambda acc, *_: (acc, zeros)),
+            grads[k], images_mb[mc], labels_mb[mc], stash[mc], g_flat)
+        new_grads.append(acc)
+        grads_x.append(grad_x)
+      g_flat = lax.ppermute(_select_stage(s, grads_x), STAGE_AXIS, down)
+      return (tuple(new_grads), g_flat), None
 
-    grads0 = {d: jnp.zeros((w,), d) for d, w in param_widths.items()}
-    (grads_buf, _), _ = lax.scan(backward_tick, _mark_varying((grads0, zeros)),
-                                 jnp.arange(ticks))
-    buf = lax.switch(s, _branches(apply_branch, num_stages), buf, grads_buf)
+    grads0 = tuple(jax.tree.map(jnp.zeros_like, [
+        m.params for m in _stage_states(blocks[k], k, num_stages)])
+                   for k in range(num_stages))
+    (grads, _), _ = lax.scan(backward_tick, _mark_varying((grads0, zeros)),
+                             jnp.arange(ticks))
+    blocks = tuple(
+        lax.cond(s == k, _varying(functools.partial(apply, k)),
+                 _varying(lambda block, _: block), blocks[k], grads[k])
+        for k in range(num_stages))
     metrics = {'loss': loss_sum / M}
-    return (_expand(BackpropPipelineState(buf, local.step + 1)),
+    return (_expand(BackpropPipelineState(blocks, local.step + 1)),
             _expand(metrics))
 
-  def train_step(state, images, labels):
-    new_state, per_stage = jax.shard_map(
-        train_step_local, mesh=mesh, in_specs=(stage_spec, jax.P(), jax.P()),
-        out_specs=(stage_spec, stage_spec))(state, images, labels)
-    return new_state, {'loss': per_stage['loss'][-1]}
+  def top_loss(loss):
+    """[K] per stage, only the top stage's non-zero -> the top stage's, on
+    every stage ([1, K]): with two stages one cyclic permute, else an
+    all-reduce."""
+    if num_stages == 2:
+      s = lax.axis_index(STAGE_AXIS)
+      received = lax.ppermute(loss, STAGE_AXIS, [(0, 1), (1, 0)])
+      return jnp.where(s == 1, loss, received)[None]
+    return lax.psum(loss, STAGE_AXIS)[None]
 
-  @jax.jit
+  def train_steps_local(state, images, labels):
+    state, per_stage = lax.scan(
+        lambda st, batch: train_step_local(st, *batch), state,
+        (images, labels))
+    return state, top_loss(per_stage['loss'][:, 0])
+
+  def one_step_local(state, images, labels):
+    state, per_stage = train_step_local(state, images, labels)
+    return state, top_loss(per_stage['loss'])
+
+  def train_steps(state, images, labels):
+    new_state, loss = jax.shard_map(
+        train_steps_local, mesh=mesh, in_specs=(stage_spec, jax.P(), jax.P()),
+        out_specs=(stage_spec, stage_spec))(state, images, labels)
+    return new_state, {'loss': _same_on_every_stage(mesh, loss)}
+
+  def train_step(state, images, labels):
+    new_state, loss = jax.shard_map(
+        one_step_local, mesh=mesh, in_specs=(stage_spec, jax.P(), jax.P()),
+        out_specs=(stage_spec, stage_spec))(state, images, labels)
+    return new_state, {'loss': _same_on_every_stage(mesh, loss)[0]}
+
   def stack(ff_state):
-    bufs = []
+    blocks = []
     for s, st in enumerate(stages):
       tree = (tuple(ff_state.layers[i] for i in st),)
       if s == num_stages - 1:
         tree += (ff_state.head,)
-      bufs.append(pack(specs[s], tree, widths))
+      blocks.append(place_stage(tree, s, num_stages))
     return BackpropPipelineState(
-        {d: jnp.stack([b[d] for b in bufs]) for d in widths},
-        jnp.full((num_stages,), ff_state.step, jnp.int32))
+        tuple(blocks), jnp.full((num_stages,), ff_state.step, jnp.int32))
 
   def from_feedforward(ff_state):
     """An empty pipeline holding `ff_state`'s modules (host round trip, so it
     works across processes)."""
     return jax.tree.map(lambda v: global_array(mesh, stage_spec, v),
-                        jax.device_get(stack(ff_state)))
+                        jax.device_get(jax.jit(stack)(ff_state)))
 
   def init(rng):
     return from_feedforward(jax.jit(init_ff)(rng))
@@ -798,7 +911,7 @@ def make_backprop_pipeline(config: feedforward.FeedForwardConfig,
   def to_feedforward(state):
     layer_states, head = {}, None
     for s, st in enumerate(stages):
-      tree = unpack(specs[s], {d: b[s] for d, b in state.blocks.items()})
+      tree = stage_slice(state.blocks[s], s)
       layer_states.update(zip(st, tree[0]))
       if s == num_stages - 1:
         head = tree[1]
@@ -811,9 +924,11 @@ def make_backprop_pipeline(config: feedforward.FeedForwardConfig,
                                   labels)
 
   wrap = jax.jit if jit else (lambda f, **_: f)
+  donation = {'donate_argnums': (0,) if donate else ()}
   return BackpropPipeline(
       config=config, modules=modules, stages=stages, num_microbatches=M,
       mesh=mesh, init=init, from_feedforward=from_feedforward,
       to_feedforward=wrap(to_feedforward),
-      train_step=wrap(train_step, donate_argnums=(0,) if donate else ()),
-      eval_batch=wrap(eval_batch), train_step_local=train_step_local)
+      train_step=wrap(train_step, **donation),
+      train_steps=wrap(train_steps, **donation), eval_batch=wrap(eval_batch),
+      train_step_local=train_step_local)

@@ -8,7 +8,8 @@ and TPU.
   # Data parallelism over 1..N devices (on CPU: N fake devices):
   python scripts/benchmark.py --suite=data_parallel --num_devices=2 \
       --json=/tmp/dp.json
-  # The decoupled pipeline, one process per core (CPU hosts):
+  # The decoupled pipeline, one process per core (CPU hosts); the paper's
+  # CIFAR-10 FCN width with --hidden_size=1000:
   python scripts/benchmark.py --suite=pipeline --processes=2 \
       --json=/tmp/pipeline.json
   # ... or over the devices of this process (accelerators; fake CPU devices):
@@ -43,6 +44,10 @@ flags.DEFINE_integer('num_layers', 6,
 flags.DEFINE_integer('hidden_size', 256, 'pipeline: units per hidden layer.')
 flags.DEFINE_integer('microbatches', 4,
                      'pipeline: micro-batches of the backprop pipeline.')
+flags.DEFINE_integer('steps_per_call', 1,
+                     'pipeline: training steps (pipeline ticks) per '
+                     'dispatched call, the same for all three ways (K > 1: '
+                     'a lax.scan over K batches).')
 flags.DEFINE_enum('balance', 'measured', ['measured', 'flops'],
                   'pipeline: place the stage boundaries to balance measured '
                   'per-layer update times on this device, or multiply-add '
@@ -72,7 +77,8 @@ def _fail(message: str) -> None:
 def _validate() -> None:
   if not FLAGS.json:
     _fail('--json is required')
-  for name in ('batch_size', 'warmup', 'steps', 'microbatches', 'hidden_size'):
+  for name in ('batch_size', 'warmup', 'steps', 'microbatches', 'hidden_size',
+               'steps_per_call'):
     if getattr(FLAGS, name) < 1 and not (name == 'warmup' and
                                          FLAGS.warmup == 0):
       _fail(f'--{name}={getattr(FLAGS, name)}: must be a positive integer')
@@ -131,7 +137,8 @@ def main(argv):
             'batch_size': FLAGS.batch_size,
             'num_stages': FLAGS.processes or FLAGS.num_devices,
             'microbatches': FLAGS.microbatches, 'warmup': FLAGS.warmup,
-            'steps': FLAGS.steps, 'balance': FLAGS.balance}
+            'steps': FLAGS.steps, 'balance': FLAGS.balance,
+            'steps_per_call': FLAGS.steps_per_call}
     if FLAGS.processes:
       workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='dni_pipeline_')
       core = sorted(os.sched_getaffinity(0))[0]

@@ -112,6 +112,29 @@ def test_pipeline_tick_equals_sequential_reference(method, dni_layers, model):
   np.testing.assert_allclose(metrics['loss'], loss, rtol=2e-5)
 
 
+def test_ticks_equal_as_many_single_ticks():
+  """K ticks in one call (a lax.scan) compute what K calls of `tick` do,
+  from an empty pipeline through the fill."""
+  config = dni_config()
+  pipe = make(config, 3)
+  K = 4
+  batches = [batch(seed) for seed in range(K)]
+  state = pipe.init(jax.random.key(0))
+  per_tick = []
+  for images, labels in batches:
+    state, metrics = pipe.tick(state, images, labels)
+    per_tick.append(metrics)
+  scanned, metrics = pipe.ticks(pipe.init(jax.random.key(0)),
+                                jnp.stack([b[0] for b in batches]),
+                                jnp.stack([b[1] for b in batches]))
+  chex.assert_trees_all_close(scanned, state, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(
+      metrics, jax.tree.map(lambda *m: jnp.stack(m), *per_tick),
+      rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(metrics['block_updated'][0],
+                                [True, False, False])
+
+
 def test_pipeline_fills_stage_by_stage_and_starts_from_ff_init():
   config = dni_config()
   pipe = make(config, 3)
@@ -167,15 +190,19 @@ def test_pipeline_rejects_what_it_does_not_implement():
     pl.stage_mesh(64)
 
 
-def test_pack_round_trip_keeps_dtypes_and_values():
+def test_stage_placement_round_trip_keeps_dtypes_and_values():
   config = dni_config()
   state = dni_jax.make_feedforward(config).init(jax.random.key(0))
-  spec = pl.pack_spec(state)
-  widths = {d: n + 3 for d, n in spec.sizes().items()}
-  buffers = pl.pack(spec, state, widths)
-  assert set(buffers) == {'float32', 'int32'}
-  chex.assert_trees_all_equal(pl.unpack(spec, buffers), state)
-  assert float(jnp.sum(jnp.abs(buffers['float32'][-3:]))) == 0.0
+  placed = pl.place_stage(state.layers[1], 1, 3)
+  for leaf, original in zip(jax.tree.leaves(placed),
+                            jax.tree.leaves(state.layers[1])):
+    assert leaf.shape == (3,) + original.shape and leaf.dtype == original.dtype
+    assert not np.any(np.asarray(leaf[0])) and not np.any(np.asarray(leaf[2]))
+  chex.assert_trees_all_equal(pl.stage_slice(placed, 1), state.layers[1])
+  layout = pl.pipeline_layout(config, ff_lib.build_modules(config), B)
+  blocks, synthetic = pl.stack_stages(layout, state)
+  chex.assert_trees_all_equal(
+      pl.unstack_stages(layout, blocks, synthetic, state.step), state)
 
 
 def test_balanced_interfaces_minimise_the_slowest_stage():
@@ -228,6 +255,22 @@ def test_backprop_pipeline_equals_micro_batch_gradient_accumulation():
                                 expected._replace(step=expected.step + 1),
                                 rtol=2e-5, atol=2e-6)
     assert np.isfinite(float(metrics['loss']))
+
+
+def test_backprop_train_steps_equal_as_many_train_steps():
+  config = dni_config(None, 'bprop')
+  bp = pl.make_backprop_pipeline(config, pl.stage_mesh(2), B, (2,), 2)
+  batches = [batch(seed) for seed in range(3)]
+  state = bp.init(jax.random.key(0))
+  losses = []
+  for images, labels in batches:
+    state, metrics = bp.train_step(state, images, labels)
+    losses.append(metrics['loss'])
+  scanned, metrics = bp.train_steps(bp.init(jax.random.key(0)),
+                                    jnp.stack([b[0] for b in batches]),
+                                    jnp.stack([b[1] for b in batches]))
+  chex.assert_trees_all_close(scanned, state, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(metrics['loss'], losses, rtol=1e-6)
 
 
 def test_backprop_pipeline_with_one_micro_batch_is_the_bprop_step():
