@@ -71,11 +71,9 @@ class FeedForwardExperiment:
       bad('model', f'must be one of {", ".join(feedforward.MODELS)}')
     if self.method not in feedforward.METHODS:
       bad('method', f'must be one of {", ".join(feedforward.METHODS)}')
-    for flag in ('num_steps', 'eval_every', 'log_every', 'checkpoint_every',
-                 'batch_size', 'hidden_size', 'sg_hidden_size', 'num_devices'):
-      value = getattr(self, flag)
-      if value is not None and value < 1:
-        bad(flag, 'must be a positive integer')
+    training.check_positive_flags(self, (
+        'num_steps', 'eval_every', 'log_every', 'checkpoint_every',
+        'batch_size', 'hidden_size', 'sg_hidden_size', 'num_devices'))
     if self.num_layers < 2:
       bad('num_layers', 'must be >= 2 (hidden layers + the classifier)')
     if self.sg_hidden_layers is not None and not 0 <= self.sg_hidden_layers <= 2:

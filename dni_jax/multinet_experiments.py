@@ -58,12 +58,9 @@ class MultinetExperiment:
                        'files)')
     if self.mode not in multinet.MODES:
       bad('mode', f'must be one of {", ".join(multinet.MODES)}')
-    for flag in ('tick', 'batch_size', 'hidden_size', 'num_steps',
-                 'eval_every', 'log_every', 'checkpoint_every', 'eval_streams',
-                 'eval_blocks'):
-      value = getattr(self, flag)
-      if value is not None and value < 1:
-        bad(flag, 'must be a positive integer')
+    training.check_positive_flags(self, (
+        'tick', 'batch_size', 'hidden_size', 'num_steps', 'eval_every',
+        'log_every', 'checkpoint_every', 'eval_streams', 'eval_blocks'))
     if self.batch_size < 2:
       bad('batch_size', 'must be at least 2 (batch normalisation)')
     if self.eval_streams < 2:

@@ -67,12 +67,9 @@ class RecurrentExperiment:
       bad('core', f'must be one of {", ".join(recurrent.CORES)}')
     if self.method not in recurrent.METHODS:
       bad('method', f'must be one of {", ".join(recurrent.METHODS)}')
-    for flag in ('hidden_size', 'unroll', 'batch_size', 'num_steps',
-                 'eval_every', 'log_every', 'checkpoint_every', 'patience',
-                 'eval_rows'):
-      value = getattr(self, flag)
-      if value is not None and value < 1:
-        bad(flag, 'must be a positive integer')
+    training.check_positive_flags(self, (
+        'hidden_size', 'unroll', 'batch_size', 'num_steps', 'eval_every',
+        'log_every', 'checkpoint_every', 'patience', 'eval_rows'))
     if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
       bad('learning_rate', 'must be a positive finite number')
     if self.sg_scale is not None and not (

@@ -42,6 +42,15 @@ def quiet_orbax_logging() -> None:
   logging.get_absl_logger().addFilter(keep)
 
 
+def check_positive_flags(settings: Any, names: tuple[str, ...]) -> None:
+  """Raises ValueError naming the first of `names` (attributes of
+  `settings`, one per flag) that is set but not a positive integer."""
+  for name in names:
+    value = getattr(settings, name)
+    if value is not None and value < 1:
+      raise ValueError(f'--{name}={value}: must be a positive integer')
+
+
 class WorkdirError(ValueError):
   """The workdir cannot be used as asked (another run's, or unreadable)."""
 
