@@ -477,7 +477,10 @@ def run_pipelines(spec: dict) -> dict:
              pl.global_array(mesh, spec_stage, np.zeros(
                  (num_stages, B, D), np.float32))),
       spec['warmup'], spec['steps'])
-  out['activation_bytes_per_message'] = B * D * 4
+  # Up: the activation plus one column each for the label and the valid
+  # flag; down: the gradient w.r.t. the activation.
+  out['message_bytes_up'] = B * (D + 2) * 4
+  out['message_bytes_down'] = B * D * 4
 
   if jax.process_count() > 1:
     # This process's stage alone on its device while every other process
@@ -692,8 +695,8 @@ def summarize_pipeline(spec: dict, baseline: dict, workers: list[dict],
               workers, key=lambda w: w['stage'])] if all(
                   'stage' in w for w in workers) else None,
       'communication_s': max(w['communication_s'] for w in workers),
-      'activation_bytes_per_message': workers[0][
-          'activation_bytes_per_message'],
+      'message_bytes_up': workers[0]['message_bytes_up'],
+      'message_bytes_down': workers[0]['message_bytes_down'],
       'balance': spec.get('balance', 'flops'),
       'measured_layer_costs_s': baseline.get('layer_costs_s'),
       'measured_interface_cost_s': baseline.get('interface_cost_s'),
@@ -738,8 +741,9 @@ def pipeline_markdown(result: dict) -> str:
             ' with every core busy at once')
   table += (f'\nPer-stage compute per tick (ms): {stages}; communication per '
             f'tick: {1e3 * result["communication_s"]:.2f} ms '
-            f'({result["activation_bytes_per_message"]} bytes each way per '
-            f'interface). Steps per call: {result["steps_per_call"]}; stage '
+            f'({result["message_bytes_up"]} bytes up, '
+            f'{result["message_bytes_down"]} bytes down per interface). '
+            f'Steps per call: {result["steps_per_call"]}; stage '
             f'boundaries after layers {result["network"]["stage_boundaries"]}'
             '.\n')
   return table

@@ -34,6 +34,9 @@ flags.DEFINE_float('learning_rate', 3e-4, 'Initial Adam learning rate.')
 flags.DEFINE_integer('batch_size', 256, 'Batch size of every run.')
 flags.DEFINE_list('num_layers', [],
                   'Only the runs of these depths (default: all of the grid).')
+flags.DEFINE_list('methods', [],
+                  'Only the runs of these methods (default: all of the grid), '
+                  'e.g. to split a grid over several processes.')
 flags.DEFINE_integer('seed', 0, 'Seed of every run.')
 FLAGS = flags.FLAGS
 
@@ -51,7 +54,7 @@ def grid(name: str) -> list[dict]:
                  method=m, hidden_size=1000,
                  **({'sg_hidden_layers': 1, 'sg_hidden_size': 4000}
                     if m in ('dni', 'cdni') else {}))
-            for n in (3, 4) for m in TABLE1_METHODS]
+            for n in (3, 4, 5, 6) for m in TABLE1_METHODS]
   if name == 'table1_cifar10_cnn':   # Table 1, CIFAR-10 CNN rows (128 filters).
     return [dict(name=f'cnn{n}_{m}', dataset='cifar10', model='cnn',
                  num_layers=n, method=m, hidden_size=128)
@@ -76,6 +79,34 @@ def grid(name: str) -> list[dict]:
   return runs
 
 
+def select(experiment: str, num_layers: list[str],
+           methods: list[str]) -> list[dict]:
+  """The runs of a grid at the given depths and methods (empty: all)."""
+  runs = grid(experiment)
+  if num_layers:
+    try:
+      depths = {int(n) for n in num_layers}
+    except ValueError:
+      raise ValueError(f'--num_layers={",".join(num_layers)}: must be '
+                       'a comma-separated list of integers') from None
+    runs = [r for r in runs if r['num_layers'] in depths]
+    if not runs:
+      raise ValueError(f'--num_layers={",".join(num_layers)}: no run '
+                       f'of --experiment={experiment} has that depth')
+  if methods:
+    known = sorted({r['method'] for r in grid(experiment)})
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+      raise ValueError(f'--methods={",".join(methods)}: {",".join(unknown)} '
+                       f'not in --experiment={experiment} (its methods: '
+                       f'{",".join(known)})')
+    runs = [r for r in runs if r['method'] in methods]
+    if not runs:
+      raise ValueError(f'--methods={",".join(methods)}: no run of '
+                       f'--experiment={experiment} at the chosen depths')
+  return runs
+
+
 def main(argv):
   del argv
   try:
@@ -85,17 +116,7 @@ def main(argv):
     if FLAGS.num_steps < 10:
       raise ValueError(f'--num_steps={FLAGS.num_steps}: must be >= 10')
     steps = FLAGS.num_steps
-    runs = grid(FLAGS.experiment)
-    if FLAGS.num_layers:
-      try:
-        depths = {int(n) for n in FLAGS.num_layers}
-      except ValueError:
-        raise ValueError(f'--num_layers={",".join(FLAGS.num_layers)}: must be '
-                         'a comma-separated list of integers') from None
-      runs = [r for r in runs if r['num_layers'] in depths]
-      if not runs:
-        raise ValueError(f'--num_layers={",".join(FLAGS.num_layers)}: no run '
-                         f'of --experiment={FLAGS.experiment} has that depth')
+    runs = select(FLAGS.experiment, FLAGS.num_layers, FLAGS.methods)
     workdirs = []
     for run in runs:
       workdir = os.path.join(FLAGS.out, run.pop('name'))

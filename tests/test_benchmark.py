@@ -39,6 +39,9 @@ def test_pipeline_suite_over_devices_writes_json_and_table(tmp_path):
   assert result['examples_per_second']['dni_pipeline'] == pytest.approx(
       16 / result['pipeline_tick_s'])
   assert len(result['stage_compute_s']) == 2
+  # Up: batch x (width + label + flag) float32; down: batch x width.
+  assert result['message_bytes_up'] == 16 * 18 * 4
+  assert result['message_bytes_down'] == 16 * 16 * 4
   assert result['device']['num_devices'] >= 2
   assert result['network']['stage_boundaries'] in ([1], [2])
   with open(out + '.md') as f:

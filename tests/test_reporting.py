@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from dni_jax import reporting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +80,25 @@ def test_reproduce_requires_its_flags(tmp_path):
        '--experiment=fig9a_single_dni', f'--out={tmp_path}'],
       capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1 and '--data_dir is required' in proc.stderr
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--methods=dni,sgd', '--methods=dni,sgd: sgd not in '
+     '--experiment=table1_cifar10_fcn (its methods: bprop,cdni,dni,no_bprop)'),
+    ('--num_layers=7', '--num_layers=7: no run of '
+     '--experiment=table1_cifar10_fcn has that depth'),
+])
+def test_reproduce_rejects_a_selection_outside_the_grid(tmp_path, flag,
+                                                         message):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'scripts', 'reproduce.py'),
+       '--experiment=table1_cifar10_fcn', f'--data_dir={tmp_path}',
+       f'--out={tmp_path / "out"}', flag],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'reproduce.py: error: {message}')
+  assert not (tmp_path / 'out').exists()   # Nothing written.
 
 
 def test_sparse_table(tmp_path):
