@@ -14,7 +14,6 @@ worker is this module run as `python -m dni_jax.benchmarking SPEC OUT ...`.
 import dataclasses
 import functools
 import json
-import math
 import os
 import socket
 import statistics

@@ -1,9 +1,7 @@
 """Experiment entry points the scripts call: settings in, workdir out."""
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any
 
 from absl import logging
@@ -251,10 +249,7 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
       status = training.prepare_workdir(exp.workdir, exp.config_record(),
                                         overwrite=False)
   if status == 'finished':
-    logging.info('%s already holds a finished run; nothing to do',
-                 exp.workdir)
-    with open(os.path.join(exp.workdir, training.RESULT_FILE)) as f:
-      return json.load(f)
+    return training.finished_result(exp.workdir)
   train = data.load_dataset(exp.dataset, 'train', exp.data_dir, exp.data_source)
   test = data.load_dataset(exp.dataset, 'test', exp.data_dir, exp.data_source)
   logging.info('%s: %d train, %d test examples of shape %s', exp.dataset,

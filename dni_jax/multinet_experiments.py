@@ -11,7 +11,6 @@ an uninterrupted one.
 """
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
@@ -182,9 +181,7 @@ def train_multinet(exp: MultinetExperiment) -> dict:
   status = training.prepare_workdir(exp.workdir, exp.config_record(),
                                     exp.overwrite)
   if status == 'finished':
-    logging.info('%s already holds a finished run; nothing to do', exp.workdir)
-    with open(os.path.join(exp.workdir, training.RESULT_FILE)) as f:
-      return json.load(f)
+    return training.finished_result(exp.workdir)
   net = multinet.make_multinet(exp.model_config())
   r = exp.resolved
   block = exp.tick ** 2

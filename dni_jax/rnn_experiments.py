@@ -8,7 +8,6 @@ in the data stream and the curriculum level live in the checkpoint.
 """
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
@@ -310,9 +309,7 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
   status = training.prepare_workdir(exp.workdir, exp.config_record(),
                                     exp.overwrite)
   if status == 'finished':
-    logging.info('%s already holds a finished run; nothing to do', exp.workdir)
-    with open(os.path.join(exp.workdir, training.RESULT_FILE)) as f:
-      return json.load(f)
+    return training.finished_result(exp.workdir)
   task = _PtbTask(exp) if exp.task == 'ptb' else _CopyTask(exp)
   config = exp.model_config(*task.sizes())
   if mesh.size == 1:

@@ -130,6 +130,19 @@ def prepare_workdir(workdir: str, config: dict, overwrite: bool) -> str:
   return 'new'
 
 
+def finished_result(workdir: str) -> dict:
+  """The result.json of a run `prepare_workdir` found 'finished'."""
+  logging.info('%s already holds a finished run; nothing to do', workdir)
+  path = os.path.join(workdir, RESULT_FILE)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise WorkdirError(f'{path} is unreadable ({e}); delete it to finish the '
+                       'run from its last checkpoint, or pass --overwrite to '
+                       'start again') from e
+
+
 class MetricsLog:
   """Appends one JSON line per evaluation, flushed, so nothing is lost."""
 

@@ -3,11 +3,10 @@ r"""Markdown table and learning-curve PNG from dni_jax workdirs.
   python scripts/report.py --paper_table=mnist_fcn --plot=curves.png RUNS/*
 """
 
-import sys
-
 from absl import app
 from absl import flags
 
+from dni_jax import cli
 from dni_jax import reporting
 
 flags.DEFINE_enum('paper_table', None, list(reporting.PAPER_TABLE1),
@@ -19,13 +18,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   workdirs = argv[1:]
   if not workdirs:
-    print('report.py: error: give at least one workdir', file=sys.stderr)
-    sys.exit(1)
-  try:
+    cli.fail('report.py', 'give at least one workdir')
+  with cli.one_line_errors('report.py', extra=(OSError,)):
     runs = [reporting.load_run(w) for w in workdirs]
-  except (ValueError, OSError) as e:
-    print(f'report.py: error: {e}', file=sys.stderr)
-    sys.exit(1)
   print(reporting.feedforward_table(runs, FLAGS.paper_table))
   if FLAGS.plot:
     reporting.plot_learning_curves(runs, FLAGS.plot)

@@ -10,15 +10,14 @@ runs and resumes interrupted ones. Writes OUT/report.md and PNG plots.
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from dni_jax import cli
 from dni_jax import experiments
 from dni_jax import reporting
-from dni_jax import training
 
 EXPERIMENTS = ('table1_mnist_fcn', 'table1_mnist_cnn', 'table1_cifar10_fcn',
                'table1_cifar10_cnn', 'stale_baseline', 'fig9a_single_dni', 'fig5_sparse',
@@ -108,8 +107,8 @@ def select(experiment: str, num_layers: list[str],
 
 
 def main(argv):
-  del argv
-  try:
+  cli.no_positional_arguments(argv)
+  with cli.one_line_errors('reproduce.py'):
     for flag in ('experiment', 'data_dir', 'out'):
       if not getattr(FLAGS, flag):
         raise ValueError(f'--{flag} is required')
@@ -130,9 +129,6 @@ def main(argv):
           lr_boundaries=(steps * 6 // 10, steps * 8 // 10),
           num_steps=steps, eval_every=steps // 10, log_every=steps // 10,
           checkpoint_every=steps, seed=FLAGS.seed, **run))
-  except (ValueError, training.TrainingError) as e:
-    print(f'reproduce.py: error: {e}', file=sys.stderr)
-    sys.exit(1)
   runs = [reporting.load_run(w) for w in workdirs]
   if FLAGS.experiment.startswith('table1_'):
     report = reporting.feedforward_table(runs, FLAGS.experiment[7:])

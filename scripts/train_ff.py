@@ -5,17 +5,15 @@ Example (Table 1, MNIST, 4-layer FCN, cDNI):
       --num_layers=4 --method=cdni --workdir=/tmp/cdni4
 """
 
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 
+from dni_jax import cli
 from dni_jax import data
 from dni_jax import experiments
 from dni_jax import feedforward
-from dni_jax import training
 
 _D = experiments.FeedForwardExperiment
 flags.DEFINE_string('workdir', None, 'Output directory (required).')
@@ -121,9 +119,8 @@ def _int_list(flag: str, values: list[str]) -> tuple[int, ...]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  try:
+  cli.no_positional_arguments(argv)
+  with cli.one_line_errors('train_ff.py'):
     if not FLAGS.workdir:
       raise ValueError('--workdir is required')
     exp = experiments.FeedForwardExperiment(
@@ -152,10 +149,6 @@ def main(argv):
       jax.config.update('jax_num_cpu_devices',
                         len(exp.pipeline_boundaries) + 1)
     result = experiments.train_feedforward(exp)
-  except (ValueError, training.TrainingError) as e:
-    # DataError and WorkdirError are ValueErrors: one line, non-zero exit.
-    print(f'train_ff.py: error: {e}', file=sys.stderr)
-    sys.exit(1)
   logging.info('result: %s', result)
   print(f'test_error {result["test_error"]:.2f}%  best {result["best_test_error"]:.2f}%  '
         f'({FLAGS.workdir}/result.json)')

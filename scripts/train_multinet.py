@@ -13,15 +13,13 @@ trains M to its true message gradients), decoupled (A gets no gradient from
 B). A step is one time step of A (one digit per stream).
 """
 
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
 
+from dni_jax import cli
 from dni_jax import multinet
 from dni_jax import multinet_experiments
-from dni_jax import training
 
 _D = multinet_experiments.MultinetExperiment
 flags.DEFINE_string('workdir', None, 'Output directory (required).')
@@ -62,9 +60,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  try:
+  cli.no_positional_arguments(argv)
+  with cli.one_line_errors('train_multinet.py'):
     exp = multinet_experiments.MultinetExperiment(
         workdir=FLAGS.workdir, data_dir=FLAGS.data_dir, mode=FLAGS.mode,
         tick=FLAGS.tick, sg_scale=FLAGS.sg_scale,
@@ -75,10 +72,6 @@ def main(argv):
         eval_streams=FLAGS.eval_streams, eval_blocks=FLAGS.eval_blocks,
         seed=FLAGS.seed, overwrite=FLAGS.overwrite)
     result = multinet_experiments.train_multinet(exp)
-  except (ValueError, training.TrainingError) as e:
-    # DataError and WorkdirError are ValueErrors: one line, non-zero exit.
-    print(f'train_multinet.py: error: {e}', file=sys.stderr)
-    sys.exit(1)
   logging.info('result: %s', result)
   print(f'A test error {result["a_test_error"]:.2f}% (best '
         f'{result["best_a_test_error"]:.2f}%)  B test error '

@@ -11,15 +11,13 @@ Copy task with the curriculum (A.3):
       --workdir=/tmp/copy_aux3
 """
 
-import sys
-
 from absl import app
 from absl import flags
 from absl import logging
 
+from dni_jax import cli
 from dni_jax import recurrent
 from dni_jax import rnn_experiments
-from dni_jax import training
 
 _D = rnn_experiments.RecurrentExperiment
 flags.DEFINE_string('workdir', None, 'Output directory (required).')
@@ -72,9 +70,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  try:
+  cli.no_positional_arguments(argv)
+  with cli.one_line_errors('train_rnn.py'):
     exp = rnn_experiments.RecurrentExperiment(
         workdir=FLAGS.workdir, task=FLAGS.task, data_dir=FLAGS.data_dir,
         core=FLAGS.core, hidden_size=FLAGS.hidden_size, unroll=FLAGS.unroll,
@@ -86,10 +83,6 @@ def main(argv):
         eval_rows=FLAGS.eval_rows, seed=FLAGS.seed, overwrite=FLAGS.overwrite,
         num_devices=FLAGS.num_devices)
     result = rnn_experiments.train_recurrent(exp)
-  except (ValueError, training.TrainingError) as e:
-    # DataError and WorkdirError are ValueErrors: one line, non-zero exit.
-    print(f'train_rnn.py: error: {e}', file=sys.stderr)
-    sys.exit(1)
   logging.info('result: %s', result)
   if FLAGS.task == 'ptb':
     print(f'best valid BPC {result["best_valid_bpc"]:.4f}  test BPC '

@@ -13,7 +13,6 @@ import pytest
 import dni_jax
 from dni_jax import feedforward as ff_lib
 from dni_jax import interface
-from dni_jax import layers
 
 B = 16
 

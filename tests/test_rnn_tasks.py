@@ -1,6 +1,5 @@
 """Copy / Repeat Copy generators, the stream and the curriculum (Sec. 3.2, A.3)."""
 
-import types
 
 import jax.numpy as jnp
 import numpy as np

@@ -191,6 +191,10 @@ def test_finished_workdir_is_not_retrained(tmp_path, mnist_dir):
   mtime = os.path.getmtime(tmp_path / 'run' / 'metrics.jsonl')
   assert experiments.train_feedforward(exp) == first
   assert os.path.getmtime(tmp_path / 'run' / 'metrics.jsonl') == mtime
+  # A result.json cut short (say, a full disk) is named, not a traceback.
+  (tmp_path / 'run' / 'result.json').write_text('{"test_er')
+  with pytest.raises(training.WorkdirError, match='result.json is unreadable'):
+    experiments.train_feedforward(exp)
 
 
 def test_workdir_with_other_config_is_refused_unless_overwrite(tmp_path):
