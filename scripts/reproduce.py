@@ -36,6 +36,10 @@ flags.DEFINE_list('num_layers', [],
 flags.DEFINE_list('methods', [],
                   'Only the runs of these methods (default: all of the grid), '
                   'e.g. to split a grid over several processes.')
+flags.DEFINE_integer('eval_every', None,
+                     'Evaluate every N steps (and at the end); default '
+                     'num_steps / 10. Fewer evaluations save time where a '
+                     'test-set pass is slow (CNNs on a CPU).')
 flags.DEFINE_integer('seed', 0, 'Seed of every run.')
 FLAGS = flags.FLAGS
 
@@ -115,6 +119,11 @@ def main(argv):
     if FLAGS.num_steps < 10:
       raise ValueError(f'--num_steps={FLAGS.num_steps}: must be >= 10')
     steps = FLAGS.num_steps
+    eval_every = (steps // 10 if FLAGS.eval_every is None
+                  else FLAGS.eval_every)
+    if not 1 <= eval_every <= steps:
+      raise ValueError(f'--eval_every={FLAGS.eval_every}: must be in '
+                       f'[1, --num_steps={steps}]')
     runs = select(FLAGS.experiment, FLAGS.num_layers, FLAGS.methods)
     workdirs = []
     for run in runs:
@@ -127,7 +136,7 @@ def main(argv):
           batch_size=FLAGS.batch_size,
           learning_rate=FLAGS.learning_rate,
           lr_boundaries=(steps * 6 // 10, steps * 8 // 10),
-          num_steps=steps, eval_every=steps // 10, log_every=steps // 10,
+          num_steps=steps, eval_every=eval_every, log_every=steps // 10,
           checkpoint_every=steps, seed=FLAGS.seed, **run))
   runs = [reporting.load_run(w) for w in workdirs]
   if FLAGS.experiment.startswith('table1_'):

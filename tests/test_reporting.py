@@ -87,6 +87,7 @@ def test_reproduce_requires_its_flags(tmp_path):
      '--experiment=table1_cifar10_fcn (its methods: bprop,cdni,dni,no_bprop)'),
     ('--num_layers=7', '--num_layers=7: no run of '
      '--experiment=table1_cifar10_fcn has that depth'),
+    ('--eval_every=0', '--eval_every=0: must be in [1, --num_steps=3000]'),
 ])
 def test_reproduce_rejects_a_selection_outside_the_grid(tmp_path, flag,
                                                          message):
