@@ -348,6 +348,15 @@ def test_diagnostics_compare_synthetic_with_backpropagated_gradient():
   np.testing.assert_array_equal(d['sg_cosine'], 0.0)
 
 
+def learnable_problem():
+  """64 noisy 4x4 images whose label k lights up pixel k."""
+  k1, k2 = jax.random.split(jax.random.key(7))
+  labels = jax.random.randint(k2, (64,), 0, 10)
+  images = (jax.random.uniform(k1, (64, 4, 4, 1)) * 0.3
+            + jax.nn.one_hot(labels, 16).reshape(64, 4, 4, 1))
+  return images, labels
+
+
 @pytest.mark.parametrize('method', dni_jax.METHODS)
 def test_every_method_learns(method):
   """Loss on a fixed learnable problem falls well below chance for all methods."""
@@ -356,10 +365,7 @@ def test_every_method_learns(method):
     config = dataclasses.replace(config, batch_size=64)
   ff = make(config)
   state = ff.init(jax.random.key(0))
-  k1, k2 = jax.random.split(jax.random.key(7))
-  labels = jax.random.randint(k2, (64,), 0, 10)
-  images = (jax.random.uniform(k1, (64, 4, 4, 1)) * 0.3
-            + jax.nn.one_hot(labels, 16).reshape(64, 4, 4, 1))
+  images, labels = learnable_problem()
   first = None
   for step in range(300):
     state, metrics = ff.train_step(state, images, labels)
@@ -469,10 +475,7 @@ def test_cnn_fused_step_equals_per_layer_steps(method):
 def test_cnn_cdni_learns():
   ff = make(cnn_config('cdni', learning_rate=1e-2))
   state = ff.init(jax.random.key(0))
-  k1, k2 = jax.random.split(jax.random.key(7))
-  labels = jax.random.randint(k2, (64,), 0, 10)
-  images = (jax.random.uniform(k1, (64, 4, 4, 1)) * 0.3
-            + jax.nn.one_hot(labels, 16).reshape(64, 4, 4, 1))
+  images, labels = learnable_problem()
   first = None
   for _ in range(200):
     state, metrics = ff.train_step(state, images, labels)
