@@ -102,6 +102,25 @@ def test_reproduce_rejects_a_selection_outside_the_grid(tmp_path, flag,
   assert not (tmp_path / 'out').exists()   # Nothing written.
 
 
+def test_reproduce_runs_only_the_selected_part_of_a_grid(tmp_path, mnist_dir):
+  out = tmp_path / 'out'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'scripts', 'reproduce.py'),
+       '--experiment=table1_mnist_fcn', f'--data_dir={mnist_dir}',
+       f'--out={out}', '--num_layers=3', '--methods=cdni,bprop',
+       '--num_steps=10', '--eval_every=5', '--batch_size=32'],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+      'fcn3_bprop', 'fcn3_cdni']
+  rows = [json.loads(line) for line in
+          (out / 'fcn3_cdni' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [5, 10]
+  report = (out / 'report.md').read_text()
+  assert 'bprop ours' in report and 'cdni ours' in report
+  assert 'no_bprop ours' not in report
+
+
 def test_sparse_table(tmp_path):
   runs = []
   for p in (1.0, 0.5):
