@@ -1,5 +1,8 @@
 """dni_jax: Decoupled Neural Interfaces using Synthetic Gradients, in JAX."""
 
+from dni_jax.device_pipeline import DevicePipeline
+from dni_jax.device_pipeline import DevicePipelineState
+from dni_jax.device_pipeline import make_device_pipeline
 from dni_jax.feedforward import DECOUPLED_METHODS
 from dni_jax.feedforward import FeedForward
 from dni_jax.feedforward import FeedForwardConfig

@@ -367,7 +367,7 @@ def _stage_computations(config, batch_size) -> list[tuple[Callable, tuple]]:
   layout = pl.pipeline_layout(config, modules, batch_size)
   ff_state = jax.jit(functools.partial(feedforward.init, modules, config))(
       jax.random.key(0))
-  blocks, synthetic = pl._stage_trees(layout.stages, ff_state)
+  blocks, synthetic = pl.stage_trees(layout.stages, ff_state)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.random(
       (batch_size,) + tuple(config.input_shape), np.float32))

@@ -231,7 +231,7 @@ class PipelineLayout(NamedTuple):
   batch_size: int
 
 
-def _stage_trees(stages, ff_state: feedforward.FeedForwardState):
+def stage_trees(stages, ff_state: feedforward.FeedForwardState):
   """Per stage: (layer states [, head on top]), synthetic state or ()."""
   blocks, synth = [], []
   for s, stage in enumerate(stages):
@@ -276,7 +276,7 @@ def pipeline_layout(config: feedforward.FeedForwardConfig, modules,
 def stack_stages(layout: PipelineLayout, ff_state: feedforward.FeedForwardState):
   """FeedForwardState -> (blocks, synthetic), one stage-placed tree per
   stage (`place_stage`)."""
-  blocks, synth = _stage_trees(layout.stages, ff_state)
+  blocks, synth = stage_trees(layout.stages, ff_state)
   num_stages = len(layout.stages)
   return (tuple(place_stage(b, s, num_stages) for s, b in enumerate(blocks)),
           tuple(place_stage(t, s, num_stages) for s, t in enumerate(synth)))
@@ -325,7 +325,7 @@ class Pipeline(NamedTuple):
   tick_local: Callable
 
 
-def _check_dni_config(config: feedforward.FeedForwardConfig):
+def check_dni_config(config: feedforward.FeedForwardConfig):
   if config.method not in feedforward.DECOUPLED_METHODS:
     raise ValueError(f'the decoupled pipeline needs method dni or cdni, not '
                      f'{config.method}')
@@ -433,7 +433,7 @@ def _select_stage(s: Array, per_stage: list):
   return jax.tree.map(lambda *xs: lax.select_n(s, *xs), *per_stage)
 
 
-def _skip_metrics():
+def skip_metrics():
   """The metrics of a stage that did not update (flags healthy)."""
   zero, true = jnp.zeros((), jnp.float32), jnp.ones((), jnp.bool_)
   return {'loss': zero, 'accuracy': zero, 'activation_finite': true,
@@ -467,7 +467,7 @@ def pipeline_tick_local(modules, layout: PipelineLayout, state: PipelineState,
                                images, labels, local.inputs,
                                local.input_labels)
     def keep(block):
-      return block, zeros, zeros, local.input_labels, _skip_metrics()
+      return block, zeros, zeros, local.input_labels, skip_metrics()
     block, *out = lax.cond((s == k) & valid, _varying(update), _varying(keep),
                            local.blocks[k])
     blocks.append(block)
@@ -572,7 +572,7 @@ def make_pipeline(config: feedforward.FeedForwardConfig,
   """The decoupled pipeline of `config` on `mesh` (axis `stage`): one stage
   per block of `config` (its interfaces are the stage boundaries). `donate`
   (default: on for accelerators) donates the state to `tick` and `ticks`."""
-  _check_dni_config(config)
+  check_dni_config(config)
   num_stages = len(config.blocks)
   if mesh.shape.get(STAGE_AXIS) != num_stages:
     raise ValueError(f'config has {num_stages} blocks (stages) but the mesh '
