@@ -88,6 +88,8 @@ class DevicePipeline(NamedTuple):
         as `pipeline.make_pipeline`'s tick, stacked over stages on
         devices[0])
     eval_batch(state, images, labels) -> sums   (all layers connected)
+    place(state) -> state    stage s on devices[s] (a no-op for a state
+        already there; e.g. after restoring a checkpoint onto one device)
   """
   config: feedforward.FeedForwardConfig
   modules: feedforward.Modules
@@ -98,6 +100,7 @@ class DevicePipeline(NamedTuple):
   to_feedforward: Callable
   tick: Callable
   eval_batch: Callable
+  place: Callable
 
 
 def _block_program(modules, layout: pipeline.PipelineLayout, s: int, block,
@@ -278,7 +281,13 @@ def make_device_pipeline(config: feedforward.FeedForwardConfig,
     return ff_eval(to_feedforward(state),
                    *jax.device_put((images, labels), devices[0]))
 
+  def place(state: DevicePipelineState) -> DevicePipelineState:
+    return DevicePipelineState(tuple(
+        jax.device_put(stage, device)
+        for stage, device in zip(state.stages, devices)))
+
   return DevicePipeline(
       config=config, modules=modules, layout=layout, devices=devices,
       init=init, from_feedforward=from_feedforward,
-      to_feedforward=to_feedforward, tick=tick, eval_batch=eval_batch)
+      to_feedforward=to_feedforward, tick=tick, eval_batch=eval_batch,
+      place=place)

@@ -9,6 +9,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from dni_jax import data
+from dni_jax import device_pipeline
 from dni_jax import feedforward
 from dni_jax import parallel
 from dni_jax import pipeline as pipeline_lib
@@ -49,6 +50,12 @@ class FeedForwardExperiment:
   pipeline: str = ''
   pipeline_stages: int | None = None    # None (dni): one stage per block.
   pipeline_microbatches: int = 4
+  # --pipeline=dni as 'one' SPMD program over a stage mesh
+  # (pipeline.make_pipeline) or one program 'per_stage' on its own device
+  # (device_pipeline.make_device_pipeline): the same ticks, bit for bit, but
+  # different checkpoints, so config.json records 'per_stage' (and omits the
+  # default, which keeps older workdirs resumable).
+  pipeline_programs: str = 'one'
   # Execution, not part of the run's configuration (results agree within
   # float tolerance): data-parallel devices per process (None: all local
   # ones, the default of train_ff.py's --num_devices) and the
@@ -117,6 +124,12 @@ class FeedForwardExperiment:
   def _validate_pipeline(self):
     if self.pipeline not in ('', 'dni', 'bprop'):
       raise ValueError(f'--pipeline={self.pipeline}: must be dni or bprop')
+    if self.pipeline_programs not in ('one', 'per_stage'):
+      raise ValueError(f'--pipeline_programs={self.pipeline_programs}: must '
+                       'be one or per_stage')
+    if self.pipeline_programs != 'one' and self.pipeline != 'dni':
+      raise ValueError(f'--pipeline_programs={self.pipeline_programs} needs '
+                       '--pipeline=dni')
     if not self.pipeline:
       if self.pipeline_stages is not None:
         raise ValueError('--pipeline_stages needs --pipeline=dni or bprop')
@@ -217,6 +230,8 @@ class FeedForwardExperiment:
       record['dni_layers'] = list(self.resolved_dni_layers)
     if self.pipeline:
       record['pipeline_stages'] = len(self.pipeline_boundaries) + 1
+    if self.pipeline_programs == 'one':
+      del record['pipeline_programs']
     del record['overwrite']  # How to treat the workdir, not part of the run.
     # Where the run executes (result.json records it): a run may resume on
     # another number of devices or processes.
@@ -309,19 +324,25 @@ def _train_pipeline(exp: FeedForwardExperiment,
   tick per batch) or the backprop pipeline, one stage per local device."""
   boundaries = exp.pipeline_boundaries
   mesh = pipeline_lib.stage_mesh(len(boundaries) + 1)
-  if exp.pipeline == 'dni':
-    pipe = pipeline_lib.make_pipeline(config, mesh, exp.batch_size)
+  if exp.pipeline_programs == 'per_stage':
+    pipe = device_pipeline.make_device_pipeline(
+        config, exp.batch_size, mesh.devices.flat)
     step = pipe.tick
+    place = pipe.place
   else:
-    pipe = pipeline_lib.make_backprop_pipeline(
-        config, mesh, exp.batch_size, boundaries, exp.pipeline_microbatches)
-    step = pipe.train_step
-  stage_sharding = jax.sharding.NamedSharding(mesh, jax.P(
-      pipeline_lib.STAGE_AXIS))
-  # A state restored from a checkpoint comes back on one device: place it on
-  # the stages (a no-op for a state already there).
-  place = lambda state: jax.device_put(state, stage_sharding)
-  # The loop adds the losses to sums it keeps (and restores) on one device.
+    if exp.pipeline == 'dni':
+      pipe = pipeline_lib.make_pipeline(config, mesh, exp.batch_size)
+      step = pipe.tick
+    else:
+      pipe = pipeline_lib.make_backprop_pipeline(
+          config, mesh, exp.batch_size, boundaries, exp.pipeline_microbatches)
+      step = pipe.train_step
+    stage_sharding = jax.sharding.NamedSharding(mesh, jax.P(
+        pipeline_lib.STAGE_AXIS))
+    place = lambda state: jax.device_put(state, stage_sharding)
+  # A state restored from a checkpoint comes back on one device: `place` puts
+  # it on the stages (a no-op for a state already there). The loop adds the
+  # losses to sums it keeps (and restores) on one device.
   first = mesh.devices.flat[0]
 
   def train_step(state, images, labels):
@@ -348,4 +369,5 @@ def _train_pipeline(exp: FeedForwardExperiment,
                     'dataset': exp.dataset,
                     'device': jax.devices()[0].device_kind,
                     'pipeline': exp.pipeline, 'pipeline_stages': mesh.size,
+                    'pipeline_programs': exp.pipeline_programs,
                     'pipeline_boundaries': list(boundaries)})

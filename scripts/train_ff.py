@@ -105,6 +105,12 @@ flags.DEFINE_integer('pipeline_stages', None,
                      'as possible (--pipeline=dni: these become the DNI '
                      'positions, so leave --dni_layers unset). Default for '
                      'dni: one stage per block.')
+flags.DEFINE_enum('pipeline_programs', _D.pipeline_programs,
+                  ['one', 'per_stage'],
+                  '--pipeline=dni: one SPMD program over the stage devices '
+                  '(zero placeholders of the other stages on each device) or '
+                  'one jitted program per stage on its own device, '
+                  'dispatched by the host (no placeholders); the same ticks.')
 flags.DEFINE_integer('pipeline_microbatches', _D.pipeline_microbatches,
                      '--pipeline=bprop: micro-batches per batch.')
 FLAGS = flags.FLAGS
@@ -143,7 +149,8 @@ def main(argv):
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
         pipeline=FLAGS.pipeline, pipeline_stages=FLAGS.pipeline_stages,
-        pipeline_microbatches=FLAGS.pipeline_microbatches)
+        pipeline_microbatches=FLAGS.pipeline_microbatches,
+        pipeline_programs=FLAGS.pipeline_programs)
     if exp.pipeline:
       # Only the CPU backend reads this: one fake CPU device per stage.
       jax.config.update('jax_num_cpu_devices',

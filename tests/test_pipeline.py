@@ -343,6 +343,25 @@ def test_train_ff_pipeline_learns_and_resumes_bit_identically(tmp_path,
   again = [json.loads(l) for l in
            (dni / 'metrics.jsonl').read_text().splitlines()]
   assert again == rows
+  # One program per stage (--pipeline_programs=per_stage) computes the same
+  # ticks: the same metrics, row for row; and it resumes likewise.
+  per_stage = tmp_path / 'per_stage'
+  args = [f'--workdir={per_stage}', '--pipeline_programs=per_stage'] + args[1:]
+  proc = run_train_ff(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads((per_stage / 'config.json').read_text())[
+      'pipeline_programs'] == 'per_stage'
+  assert json.loads((per_stage / 'result.json').read_text())[
+      'pipeline_programs'] == 'per_stage'
+  assert [json.loads(l) for l in (per_stage / 'metrics.jsonl').read_text(
+  ).splitlines()] == rows
+  shutil.rmtree(per_stage / 'checkpoints' / '40')
+  (per_stage / 'result.json').unlink()
+  proc = run_train_ff(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'resumed from' in proc.stderr
+  assert [json.loads(l) for l in (per_stage / 'metrics.jsonl').read_text(
+  ).splitlines()] == rows
 
 
 @pytest.mark.parametrize('kwargs,needle', [
@@ -358,6 +377,11 @@ def test_train_ff_pipeline_learns_and_resumes_bit_identically(tmp_path,
     (dict(method='cdni', pipeline='dni', pipeline_stages=9),
      '--pipeline_stages=9'),
     (dict(method='cdni', pipeline='gpipe'), '--pipeline=gpipe'),
+    (dict(method='bprop', pipeline='bprop', pipeline_stages=2,
+          pipeline_programs='per_stage'),
+     '--pipeline_programs=per_stage needs --pipeline=dni'),
+    (dict(method='cdni', pipeline='dni', pipeline_programs='mpmd'),
+     '--pipeline_programs=mpmd: must be one or per_stage'),
 ])
 def test_bad_pipeline_settings_are_refused_naming_the_flag(kwargs, needle):
   with pytest.raises(ValueError, match=re.escape(needle)):
