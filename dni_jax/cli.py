@@ -7,7 +7,7 @@ are a usage error.
 
 import contextlib
 import sys
-from typing import Iterator, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 from absl import app
 
@@ -29,7 +29,7 @@ def one_line_errors(prog: str,
     fail(prog, str(e))
 
 
-def fail(prog: str, message: str) -> None:
+def fail(prog: str, message: str) -> NoReturn:
   """Ends the script: `prog: error: message` on stderr, exit code 1."""
   print(f'{prog}: error: {message}', file=sys.stderr)
   sys.exit(1)
