@@ -9,8 +9,9 @@ program, committed to its own device, and the host dispatches them:
   * no placeholders: device s holds stage s's modules (and Adam moments) and
     its last input and output activations, nothing else. The state in all is
     1x the network's, so memory scales with the number of stages;
-  * heterogeneous stages: each stage compiles on its own (shapes, layer kinds
-    and sizes may differ arbitrarily between stages);
+  * heterogeneous stages: each stage compiles on its own, so stages need not
+    share shapes (the tests cover FCN stages of different input shapes; mixed
+    layer kinds are not tested);
   * host dispatch: JAX's asynchronous dispatch returns at once, so the S
     stage programs of a tick run concurrently on their devices; activations
     (with their labels and validity flag) go up and input gradients down
