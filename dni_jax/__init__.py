@@ -1,5 +1,16 @@
-"""dni_jax: Decoupled Neural Interfaces using Synthetic Gradients, in JAX."""
+"""dni_jax: Decoupled Neural Interfaces using Synthetic Gradients, in JAX.
 
+The public API is `__all__` (re-exports of the modules below): feed-forward
+networks (`FeedForwardConfig`, `make_feedforward`), recurrent networks
+(`RecurrentConfig`, `make_recurrent`), the two-network experiment
+(`MultinetConfig`, `make_multinet`), data parallelism and pipelines, and the
+datasets (`dni_jax.data.load_dataset`, also `load_dataset` here).
+"""
+
+from dni_jax import data
+from dni_jax.data import DataError
+from dni_jax.data import Dataset
+from dni_jax.data import load_dataset
 from dni_jax.device_pipeline import DevicePipeline
 from dni_jax.device_pipeline import DevicePipelineState
 from dni_jax.device_pipeline import make_device_pipeline
@@ -35,3 +46,42 @@ from dni_jax.recurrent import RecurrentConfig
 from dni_jax.recurrent import RecurrentState
 
 __version__ = '0.1.0'
+
+__all__ = [
+    'DataError',
+    'Dataset',
+    'DECOUPLED_METHODS',
+    'DevicePipeline',
+    'DevicePipelineState',
+    'FeedForward',
+    'FeedForwardConfig',
+    'FeedForwardState',
+    'initialize_distributed',
+    'load_dataset',
+    'make_backprop_pipeline',
+    'make_data_mesh',
+    'make_data_parallel',
+    'make_data_parallel_recurrent',
+    'make_device_pipeline',
+    'make_feedforward',
+    'make_multinet',
+    'make_per_device_step',
+    'make_pipeline',
+    'make_recurrent',
+    'make_shard_map_step',
+    'METHODS',
+    'ModuleState',
+    'Multinet',
+    'MultinetConfig',
+    'NetState',
+    'per_layer_train_step',
+    'Pipeline',
+    'PipelineState',
+    'pull_back',
+    'Recurrent',
+    'RecurrentConfig',
+    'RecurrentState',
+    'shard_batch',
+    'stage_mesh',
+    'synthetic_gradient_loss',
+]

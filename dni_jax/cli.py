@@ -1,32 +1,39 @@
 """What every absl script of this package does with bad input.
 
 A bad flag, file or run ends the script with one line, `PROG: error: ...`,
-on stderr and exit code 1 (never a traceback); stray positional arguments
-are a usage error.
+on stderr and exit code 1 (never a traceback); so do stray positional
+arguments, a file the script cannot write (a full disk, a read-only
+filesystem) and Ctrl-C before the training loop takes over the signal (exit
+code 130, no traceback, no crash of the compiler threads at exit).
 """
 
 import contextlib
+import os
 import sys
 from typing import Iterator, NoReturn, Sequence
-
-from absl import app
 
 from dni_jax import training
 
 # DataError, WorkdirError and bad settings are ValueErrors; a run that goes
 # wrong (non-finite loss, ...) raises TrainingError.
 ERRORS = (ValueError, training.TrainingError)
+INTERRUPTED_EXIT_CODE = 130   # 128 + SIGINT, as shells report it.
 
 
 @contextlib.contextmanager
 def one_line_errors(prog: str,
                     extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
   """Turns ERRORS (and `extra`) raised in the block into `prog: error: ...`
-  on stderr and exit code 1."""
+  on stderr and exit code 1; an OSError into its path and reason; Ctrl-C
+  (KeyboardInterrupt) into one line and exit code 130."""
   try:
     yield
   except ERRORS + extra as e:
     fail(prog, str(e))
+  except OSError as e:
+    fail(prog, training.describe_os_error(e))
+  except KeyboardInterrupt:
+    interrupted(prog)
 
 
 def fail(prog: str, message: str) -> NoReturn:
@@ -35,6 +42,23 @@ def fail(prog: str, message: str) -> NoReturn:
   sys.exit(1)
 
 
+def interrupted(prog: str) -> NoReturn:
+  """Ends the script after Ctrl-C outside the training loop (loading data,
+  compiling): one line and exit code 130. `os._exit`, since XLA's compiler
+  threads may still run and crash an orderly interpreter shutdown; every
+  file the script writes is written atomically, so none is left half
+  written (a resumable run resumes from its last checkpoint)."""
+  print(f'{prog}: error: interrupted (Ctrl-C) before training started; '
+        'rerun the same command to start or resume', file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(INTERRUPTED_EXIT_CODE)  # pylint: disable=protected-access
+
+
 def no_positional_arguments(argv: Sequence[str]) -> None:
+  """Ends the script with one line (not absl's page of help) if `argv`
+  holds positional arguments; flags are written --name=value."""
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    fail(os.path.basename(argv[0]),
+         f'unexpected argument(s): {" ".join(argv[1:])} (flags are written '
+         '--name=value; see --help)')

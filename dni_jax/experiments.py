@@ -16,6 +16,18 @@ from dni_jax import pipeline as pipeline_lib
 from dni_jax import training
 
 
+# Values no feed-forward run can mean (the paper's networks have up to 6
+# layers of up to 1000 units, synthetic-gradient models of up to 4000): far
+# above them, a typo would only grow memory and compile time for minutes.
+LIMITS = {
+    'num_layers': (100, 'each layer is compiled on its own; the paper uses '
+                   'up to 6'),
+    'hidden_size': (16384, 'the paper uses up to 1000 units'),
+    'sg_hidden_size': (16384, 'the paper uses up to 4000 units'),
+    'batch_size': (65536, 'the paper uses 256'),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class FeedForwardExperiment:
   """Everything `scripts/train_ff.py` sets; validated on construction."""
@@ -81,6 +93,7 @@ class FeedForwardExperiment:
         'batch_size', 'hidden_size', 'sg_hidden_size', 'num_devices'))
     if self.num_layers < 2:
       bad('num_layers', 'must be >= 2 (hidden layers + the classifier)')
+    training.check_at_most(self, LIMITS)
     if self.sg_hidden_layers is not None and not 0 <= self.sg_hidden_layers <= 2:
       bad('sg_hidden_layers', 'must be 0, 1 or 2')
     if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -226,6 +239,7 @@ class FeedForwardExperiment:
     record['hidden_size'] = self.resolved_hidden_size
     record['sg_hidden_size'] = self.resolved_sg_hidden_size
     record['lr_boundaries'] = list(self.lr_boundaries)
+    record['data_dir'] = training.normalise_path(self.data_dir)
     if self.resolved_dni_layers is not None:
       record['dni_layers'] = list(self.resolved_dni_layers)
     if self.pipeline:
@@ -252,6 +266,18 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
   mesh = None if exp.pipeline else parallel.make_data_mesh(exp.num_devices)
   if mesh is not None:
     parallel.check_batch_size(mesh, exp.batch_size)
+  # Nothing is written before the flags and the data are valid: a failed
+  # start leaves the workdir as it was (and no config.json).
+  if jax.process_count() == 1 and training.check_workdir(
+      exp.workdir, exp.config_record(), exp.overwrite) == 'finished':
+    return training.finished_result(exp.workdir)
+  train = data.load_dataset(exp.dataset, 'train', exp.data_dir, exp.data_source)
+  test = data.load_dataset(exp.dataset, 'test', exp.data_dir, exp.data_source)
+  logging.info('%s: %d train, %d test examples of shape %s', exp.dataset,
+               len(train.labels), len(test.labels), train.images.shape[1:])
+  if exp.batch_size > len(train.labels):
+    raise ValueError(f'--batch_size={exp.batch_size}: exceeds the '
+                     f'{len(train.labels)} training examples')
   if jax.process_count() == 1:
     status = training.prepare_workdir(exp.workdir, exp.config_record(),
                                       exp.overwrite)
@@ -265,10 +291,6 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
                                         overwrite=False)
   if status == 'finished':
     return training.finished_result(exp.workdir)
-  train = data.load_dataset(exp.dataset, 'train', exp.data_dir, exp.data_source)
-  test = data.load_dataset(exp.dataset, 'test', exp.data_dir, exp.data_source)
-  logging.info('%s: %d train, %d test examples of shape %s', exp.dataset,
-               len(train.labels), len(test.labels), train.images.shape[1:])
   config = feedforward.FeedForwardConfig(
       input_shape=tuple(train.images.shape[1:]),
       num_classes=train.num_classes,

@@ -60,7 +60,9 @@ class FeedForwardConfig:
   num_layers: int = 4          # Hidden layers + the classifier.
   hidden_size: int = 256       # Units (FCN) or filters (CNN) per hidden layer.
   method: str = 'dni'
-  sg_hidden_layers: int = 2    # A.1: 2 for DNI, 0 for cDNI on MNIST FCNs.
+  # Hidden layers of each synthetic-gradient model; None: the paper's choice
+  # for the method (`resolved_sg_hidden_layers`, A.1).
+  sg_hidden_layers: int | None = None
   sg_hidden_size: int = 1024   # Units (FCN) or filters (CNN) of SG hidden layers.
   learning_rate: float = 3e-5
   lr_boundaries: tuple[int, ...] = (300_000, 400_000)
@@ -104,7 +106,8 @@ class FeedForwardConfig:
         bad(f'{name}={getattr(self, name)} must be >= 1')
     if self.num_classes < 2:
       bad(f'num_classes={self.num_classes} must be >= 2')
-    if not 0 <= self.sg_hidden_layers <= 2:
+    if (self.sg_hidden_layers is not None
+        and not 0 <= self.sg_hidden_layers <= 2):
       bad(f'sg_hidden_layers={self.sg_hidden_layers} must be 0, 1 or 2 (A.1)')
     if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
       bad(f'learning_rate={self.learning_rate} must be a positive finite number')
@@ -159,6 +162,18 @@ class FeedForwardConfig:
     """
     cuts = (0,) + self.interfaces + (self.num_layers - 1,)
     return tuple(tuple(range(a, b)) for a, b in zip(cuts[:-1], cuts[1:]))
+
+  @property
+  def resolved_sg_hidden_layers(self) -> int:
+    """`sg_hidden_layers`, or A.1's choice: one hidden layer with synthetic
+    inputs (complete unlock, both models); a linear model (0) for cDNI FCNs
+    (MNIST FCN); two hidden layers otherwise (DNI FCNs, and the CNNs'
+    convolutional models)."""
+    if self.sg_hidden_layers is not None:
+      return self.sg_hidden_layers
+    if self.synthetic_inputs:
+      return 1
+    return 0 if (self.method == 'cdni' and self.model == 'fcn') else 2
 
   @property
   def uses_synthetic_gradients(self) -> bool:
@@ -226,16 +241,16 @@ def build_modules(config: FeedForwardConfig) -> Modules:
     hidden = (layers.HiddenDense(config.hidden_size,
                                  config.axis_name),) * num_hidden
     sg_model = synthetic.SyntheticGradientMLP(
-        config.sg_hidden_layers, config.sg_hidden_size, config.hidden_size,
-        config.axis_name)
+        config.resolved_sg_hidden_layers, config.sg_hidden_size,
+        config.hidden_size, config.axis_name)
   else:
     hidden = tuple(layers.HiddenConv(config.hidden_size,
                                      'max' if i == 0 else 'avg',
                                      config.axis_name)
                    for i in range(num_hidden))
     sg_model = synthetic.SyntheticGradientCNN(
-        config.sg_hidden_layers, config.sg_hidden_size, config.hidden_size,
-        config.axis_name)
+        config.resolved_sg_hidden_layers, config.sg_hidden_size,
+        config.hidden_size, config.axis_name)
   if config.method == 'stale':
     sg_model = synthetic.StaleGradient(config.stale_decay, config.batch_size)
   return Modules(

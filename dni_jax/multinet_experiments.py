@@ -27,6 +27,18 @@ from dni_jax.data import datasets
 _TRAIN, _TEST = 0, 1   # Stream ids in the sampler's seed sequence.
 
 
+# Values no run can mean (Sec. 3.3, A.4: T = 4, 256 units): far above them,
+# a typo would only grow memory and compile time for minutes.
+LIMITS = {
+    'tick': (32, 'one block of tick^2 steps is one compiled scan; the paper '
+             'uses 4'),
+    'hidden_size': (16384, 'the paper uses 256'),
+    'batch_size': (65536, 'digit streams trained at once'),
+    'eval_streams': (65536, 'test streams evaluated at once'),
+    'eval_blocks': (100_000, 'blocks scored per evaluation'),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class MultinetExperiment:
   """Everything `scripts/train_multinet.py` sets; validated on construction."""
@@ -60,6 +72,7 @@ class MultinetExperiment:
     training.check_positive_flags(self, (
         'tick', 'batch_size', 'hidden_size', 'num_steps', 'eval_every',
         'log_every', 'checkpoint_every', 'eval_streams', 'eval_blocks'))
+    training.check_at_most(self, LIMITS)
     if self.batch_size < 2:
       bad('batch_size', 'must be at least 2 (batch normalisation)')
     if self.eval_streams < 2:
@@ -96,7 +109,7 @@ class MultinetExperiment:
     record = dataclasses.asdict(self)
     record.update(self.resolved)
     del record['overwrite']
-    record['data_dir'] = os.path.abspath(self.data_dir)
+    record['data_dir'] = training.normalise_path(self.data_dir)
     return record
 
   def model_config(self) -> multinet.MultinetConfig:
@@ -164,16 +177,20 @@ def evaluate(net: multinet.Multinet, state_a, state_b,
 
 def _load(data_dir: str, split: str, tick: int, batch_size: int, seed: int,
           stream_id: int) -> DigitStream:
-  data = datasets.load_dataset('mnist', split, data_dir)
+  data = datasets.load_dataset('mnist', split, data_dir, tfds_hint=False)
   return DigitStream(data.images, data.labels, tick, batch_size, seed,
                      stream_id)
 
 
 def train_multinet(exp: MultinetExperiment) -> dict:
   """Runs (or resumes) one experiment; returns result.json's dict."""
+  if training.check_workdir(exp.workdir, exp.config_record(),
+                            exp.overwrite) == 'finished':
+    return training.finished_result(exp.workdir)
   if not os.path.isdir(exp.data_dir):
     raise datasets.DataError(f'--data_dir={exp.data_dir}: no such folder')
-  # Read the data before touching the workdir: a bad --data_dir leaves none.
+  # Read the data before touching the workdir: a bad --data_dir leaves it as
+  # it was (and writes no config.json).
   train_stream = _load(exp.data_dir, 'train', exp.tick, exp.batch_size,
                        exp.seed, _TRAIN)
   test_stream = _load(exp.data_dir, 'test', exp.tick, exp.eval_streams,

@@ -29,7 +29,8 @@ of the M micro-batch gradients at the end. BatchNorm normalises each
 micro-batch on its own and updates its running statistics once per
 micro-batch, in order. This equals, up to float summation order, one step of
 `jax.grad` of the mean over micro-batches of each micro-batch's mean loss
-(tests/test_pipeline.py).
+(tests/test_oracle_pipeline.py), which with M > 1 is not the loss of the
+whole batch normalised as one.
 
 SPMD layout: under `shard_map` every device runs one program, but stages
 differ (the first reads the images, the top one holds the classifier). The
@@ -191,7 +192,8 @@ def fcn_costs(config: feedforward.FeedForwardConfig):
   d_in = math.prod(config.input_shape)
   h, k = config.hidden_size, config.num_classes
   sg_in = h + (k if config.method == 'cdni' else 0)
-  sg_widths = [sg_in] + [config.sg_hidden_size] * config.sg_hidden_layers + [h]
+  sg_widths = ([sg_in] + [config.sg_hidden_size]
+               * config.resolved_sg_hidden_layers + [h])
   sg = 3 * sum(a * b for a, b in zip(sg_widths, sg_widths[1:]))
   costs = [2 * d_in * h] + [3 * h * h] * (config.num_layers - 2) + [3 * h * k]
   return costs, sg

@@ -47,7 +47,8 @@ class RecurrentExperiment:
   checkpoint_every: int = 5000
   patience: int | None = None          # PTB: evaluations without improvement.
   eval_rows: int | None = None         # PTB: streams the eval text is cut
-                                       # into (None: 64).
+                                       # into (None: 64, whatever the
+                                       # training batch_size).
   seed: int = 0
   overwrite: bool = False
   # Execution, not part of the run's configuration (results agree within
@@ -69,6 +70,12 @@ class RecurrentExperiment:
     training.check_positive_flags(self, (
         'hidden_size', 'unroll', 'batch_size', 'num_steps', 'eval_every',
         'log_every', 'checkpoint_every', 'patience', 'eval_rows'))
+    training.check_at_most(self, {
+        'unroll': (1000, 'the paper uses T up to 40'),
+        'hidden_size': (16384, 'the paper uses up to 1024 units'),
+        'batch_size': (65536, 'the paper uses 256 streams'),
+        'eval_rows': (65536, 'evaluation streams'),
+    })
     if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
       bad('learning_rate', 'must be a positive finite number')
     if self.sg_scale is not None and not (
@@ -306,11 +313,15 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
   if rows is not None and rows % mesh.size:
     raise ValueError(f'--eval_rows={rows}: must be divisible by the '
                      f'{mesh.size} devices')
-  status = training.prepare_workdir(exp.workdir, exp.config_record(),
-                                    exp.overwrite)
-  if status == 'finished':
+  # Evaluations drive the curriculum and early stopping: a rerun keeps
+  # --eval_every. Nothing is written before the data is read.
+  resumable = tuple(k for k in training.RESUMABLE if k != 'eval_every')
+  if training.check_workdir(exp.workdir, exp.config_record(), exp.overwrite,
+                            resumable=resumable) == 'finished':
     return training.finished_result(exp.workdir)
   task = _PtbTask(exp) if exp.task == 'ptb' else _CopyTask(exp)
+  training.prepare_workdir(exp.workdir, exp.config_record(), exp.overwrite,
+                           resumable=resumable)
   config = exp.model_config(*task.sizes())
   if mesh.size == 1:
     rec = recurrent.make_recurrent(config)

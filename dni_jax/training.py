@@ -5,18 +5,29 @@ A workdir holds
   metrics.jsonl   one JSON object per evaluation, each with `step`;
   result.json     the final summary, written last and atomically: its presence
                   means the run finished;
-  checkpoints/    orbax step folders (atomic, the last few kept).
+  checkpoints/    orbax step folders (atomic, the last few kept);
+  checkpoints_unreadable/  checkpoints that failed to restore, moved aside;
+  tensorboard/    the metrics as TensorBoard scalars;
+and nothing else: `RUN_ENTRIES` (with the `.tmp` files of atomic writes) is
+everything a run writes there, and anything else is foreign.
 
 Re-running the same command on the same workdir resumes from the latest good
 checkpoint; data order depends only on (seed, step), so a resumed run sees the
-same batches as an uninterrupted one.
+same batches as an uninterrupted one. A rerun may change the settings that do
+not change what is computed (`RESUMABLE`: where the workdir is, how often the
+loop logs, evaluates and checkpoints) and raise --num_steps (the run is
+extended; the learning-rate schedule is in absolute steps and is part of the
+config); any other difference is refused. `--overwrite` replaces only a
+folder that holds a run and nothing foreign.
 """
 
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import sys
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -27,19 +38,62 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dni_jax import parallel
+from dni_jax import tensorboard_log
 
 Array = jax.Array
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 RESULT_FILE = 'result.json'
 CHECKPOINT_DIR = 'checkpoints'
+TENSORBOARD_DIR = tensorboard_log.TENSORBOARD_DIR   # metrics.jsonl's view.
+UNREADABLE_DIR = 'checkpoints_unreadable'
+# Everything a run writes directly under its workdir.
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, RESULT_FILE, CHECKPOINT_DIR,
+               UNREADABLE_DIR, tensorboard_log.TENSORBOARD_DIR) + tuple(
+                   f'{name}.tmp' for name in (CONFIG_FILE, METRICS_FILE,
+                                              RESULT_FILE))
+# Settings a rerun may change without changing what the run computes: where
+# the workdir is and how often the loop logs, evaluates and checkpoints
+# (`--num_steps` may grow: see `check_workdir`). Recurrent runs keep
+# `eval_every` fixed: their evaluations drive the curriculum and early stop.
+RESUMABLE = ('workdir', 'log_every', 'eval_every', 'checkpoint_every')
+# Settings holding paths: compared after normalisation (absolute, symlinks
+# resolved, no trailing slash).
+PATH_SETTINGS = ('data_dir',)
 
 
 def quiet_orbax_logging() -> None:
-  """Orbax logs every save step at INFO through absl; keep its warnings only."""
+  """Orbax logs every save step at INFO through absl: keep its warnings and
+  errors, each as its first line only (the caller reports a failed save or
+  restore in one line of its own; orbax's tracebacks add nothing)."""
   def keep(record):
-    return record.levelno >= 30 or '/orbax/' not in record.pathname
-  logging.get_absl_logger().addFilter(keep)
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.levelno < 30:
+      return False
+    record.msg = record.getMessage().split('\n', 1)[0]
+    record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+  logger = logging.get_absl_logger()
+  if not any(getattr(f, 'dni_jax_orbax', False) for f in logger.filters):
+    keep.dni_jax_orbax = True
+    logger.addFilter(keep)
+
+
+def normalise_path(path: str | None) -> str | None:
+  """One spelling of a folder: absolute, symlinks resolved, no trailing
+  slash (None stays None)."""
+  return None if path is None else os.path.realpath(os.path.expanduser(path))
+
+
+def check_at_most(settings: Any, limits: dict[str, tuple[int, str]]) -> None:
+  """Raises ValueError naming the first flag in `limits` ({name: (bound,
+  why)}) whose value (an attribute of `settings`) is above its bound: values
+  no run can mean, which would only grow memory or compile time for minutes."""
+  for name, (bound, why) in limits.items():
+    value = getattr(settings, name)
+    if value is not None and value > bound:
+      raise ValueError(f'--{name}={value}: must be at most {bound} ({why})')
 
 
 def check_positive_flags(settings: Any, names: tuple[str, ...]) -> None:
@@ -90,44 +144,152 @@ def read_metrics(workdir: str) -> list[dict]:
   return rows
 
 
-def prepare_workdir(workdir: str, config: dict, overwrite: bool) -> str:
-  """Creates or checks the workdir. Returns 'new', 'resume' or 'finished'.
+def describe_os_error(e: OSError) -> str:
+  """`path: reason` of an OSError, in words (a full disk, a read-only
+  filesystem, a missing permission)."""
+  reason = e.strerror or str(e)
+  return f'{e.filename}: {reason}' if e.filename else reason
 
-  A workdir whose config.json differs from `config` is refused unless
-  `overwrite`, in which case its contents are removed first.
+
+def _foreign_entries(workdir: str) -> list[str]:
+  return sorted(name + ('/' if os.path.isdir(os.path.join(workdir, name))
+                        else '')
+                for name in os.listdir(workdir) if name not in RUN_ENTRIES)
+
+
+def _comparable(config: dict, resumable: tuple[str, ...]) -> dict:
+  return {k: normalise_path(v) if k in PATH_SETTINGS and isinstance(v, str)
+          else v for k, v in config.items()
+          if k not in resumable and k != 'num_steps'}
+
+
+def _check_creatable(workdir: str) -> None:
+  """Raises WorkdirError unless a folder can be made at `workdir`."""
+  parent = os.path.dirname(os.path.abspath(workdir))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise WorkdirError(f'--workdir {workdir}: {parent} is a file, so no folder '
+                       'can be made under it; choose another --workdir')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise WorkdirError(f'--workdir {workdir}: cannot create it, {parent} is '
+                       'not writable (read-only filesystem or no permission); '
+                       'choose another --workdir')
+
+
+def check_workdir(workdir: str, config: dict, overwrite: bool, *,
+                  resumable: tuple[str, ...] = RESUMABLE) -> str:
+  """What `prepare_workdir` would do with `workdir`, changing nothing.
+
+  Returns 'new' (missing or empty: the run starts), 'replace' (a run that
+  `overwrite` replaces), 'resume' (the same run, unfinished or extended to a
+  larger `num_steps`) or 'finished' (its result.json stands). Raises
+  WorkdirError for a folder that is not a run of this project (never
+  replaced), a run that holds foreign entries (with `overwrite`), a run of
+  another configuration (without `overwrite`), a smaller `num_steps`, or a
+  folder that cannot be written.
   """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise WorkdirError(f'--workdir {workdir} exists and is not a directory')
-  config_path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.isdir(workdir) and os.listdir(workdir):
-    if overwrite:
-      for name in os.listdir(workdir):
-        path = os.path.join(workdir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    elif not os.path.exists(config_path):
+  try:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise WorkdirError(f'--workdir {workdir} is a file, not a folder; '
+                         'choose another --workdir')
+    if not os.path.isdir(workdir):
+      _check_creatable(workdir)
+      return 'new'
+    if not os.access(workdir, os.W_OK | os.X_OK):
+      raise WorkdirError(f'--workdir {workdir} is not writable (read-only '
+                         'filesystem or no permission); choose another '
+                         '--workdir')
+    if not os.listdir(workdir):
+      return 'new'
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    foreign = _foreign_entries(workdir)
+    if not os.path.isfile(config_path):
       raise WorkdirError(
-          f'--workdir {workdir} is not empty and holds no {CONFIG_FILE}: not a '
-          'run of this project; choose another workdir or pass --overwrite')
-    else:
-      try:
-        with open(config_path) as f:
-          old = json.load(f)
-      except (OSError, json.JSONDecodeError) as e:
-        raise WorkdirError(f'{config_path} is unreadable ({e}); pass '
-                           '--overwrite to start again') from e
-      if old != config:
-        diff = sorted(k for k in set(old) | set(config)
-                      if old.get(k) != config.get(k))
+          f'--workdir {workdir} is not empty and holds no {CONFIG_FILE}, so '
+          'it is not a run of this project and is left alone; choose a new '
+          'or empty folder')
+    if overwrite:
+      if foreign:
         raise WorkdirError(
-            f'--workdir {workdir} holds a run with a different configuration '
-            f'(differs in: {", ".join(diff)}); use another workdir or pass '
-            '--overwrite')
-      if os.path.exists(os.path.join(workdir, RESULT_FILE)):
+            f'--workdir {workdir} holds a run and also entries no run writes '
+            f'({", ".join(foreign[:5])}{", ..." if len(foreign) > 5 else ""})'
+            '; --overwrite replaces only a folder holding a run alone: move '
+            'them out or choose another --workdir')
+      return 'replace'
+    start_again = ('choose another --workdir' if foreign else
+                   'choose another --workdir or pass --overwrite to start '
+                   'again')
+    try:
+      with open(config_path) as f:
+        old = json.load(f)
+      if not isinstance(old, dict):
+        raise ValueError('not a JSON object')
+    except (OSError, ValueError) as e:
+      raise WorkdirError(f'{config_path} is unreadable ({e}); '
+                         f'{start_again}') from e
+    old_c, new_c = _comparable(old, resumable), _comparable(config, resumable)
+    if old_c != new_c:
+      diff = sorted(k for k in set(old_c) | set(new_c)
+                    if old_c.get(k) != new_c.get(k))
+      raise WorkdirError(
+          f'--workdir {workdir} holds a run with a different configuration '
+          f'(differs in: {", ".join(diff)}); {start_again}')
+    old_steps, new_steps = old.get('num_steps'), config.get('num_steps')
+    if (old_steps is not None and new_steps is not None
+        and new_steps < old_steps):
+      raise WorkdirError(
+          f'--num_steps={new_steps} is below the {old_steps} of the run in '
+          f'{workdir}: a run can be extended, not shortened; '
+          f'{start_again}')
+    if os.path.exists(os.path.join(workdir, RESULT_FILE)):
+      if old_steps is None or new_steps is None or new_steps == old_steps:
         return 'finished'
-      return 'resume'
-  os.makedirs(workdir, exist_ok=True)
-  write_json_atomic(config_path, config)
-  return 'new'
+    return 'resume'
+  except OSError as e:
+    raise WorkdirError(f'--workdir {workdir}: {describe_os_error(e)}') from e
+
+
+def prepare_workdir(workdir: str, config: dict, overwrite: bool, *,
+                    resumable: tuple[str, ...] = RESUMABLE) -> str:
+  """Makes `workdir` ready for the run `config`: returns 'new', 'resume' or
+  'finished' (see `check_workdir`, which refuses what cannot be done).
+
+  Call it once flags and data are valid: it is the first write. A new run's
+  config.json is written; a replaced run's entries (`RUN_ENTRIES`, nothing
+  else) are removed first; a resumed run's config.json takes the new
+  `resumable` settings and `num_steps`, and an extended run's result.json is
+  removed (the run writes it again when it finishes).
+  """
+  status = check_workdir(workdir, config, overwrite, resumable=resumable)
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    if status == 'finished':
+      return status
+    if status == 'resume':
+      with open(config_path) as f:
+        old = json.load(f)
+      if old.get('num_steps') != config.get('num_steps'):
+        result_path = os.path.join(workdir, RESULT_FILE)
+        if os.path.exists(result_path):
+          os.remove(result_path)
+          logging.info('extending the run in %s from %s to %s steps', workdir,
+                       old.get('num_steps'), config.get('num_steps'))
+      if old != config:
+        write_json_atomic(config_path, config)
+      return status
+    if status == 'replace':
+      for name in RUN_ENTRIES:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+          shutil.rmtree(path)
+        elif os.path.lexists(path):
+          os.remove(path)
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(config_path, config)
+    return 'new'
+  except OSError as e:
+    raise WorkdirError(f'--workdir {workdir}: {describe_os_error(e)}') from e
 
 
 def finished_result(workdir: str) -> dict:
@@ -153,6 +315,7 @@ class MetricsLog:
     # written again, identically, so none is lost or duplicated.
     self.rows = [r for r in read_metrics(workdir)
                  if r['step'] <= keep_up_to_step]
+    self.tensorboard = None
     if not write:
       return
     tmp = f'{self.path}.tmp'
@@ -160,6 +323,9 @@ class MetricsLog:
       for row in self.rows:
         f.write(json.dumps(row, sort_keys=True) + '\n')
     os.replace(tmp, self.path)
+    # The same rows as TensorBoard scalars, in WORKDIR/tensorboard/.
+    self.tensorboard = tensorboard_log.ScalarWriter(
+        workdir, keep_up_to_step + 1, self.rows)
 
   def append(self, row: dict) -> None:
     self.rows.append(row)
@@ -168,40 +334,108 @@ class MetricsLog:
     with open(self.path, 'a') as f:
       f.write(json.dumps(row, sort_keys=True) + '\n')
       f.flush()
+    self.tensorboard.write(row)
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
 
 
 # ---------------------------------------------------------------------------
 # Checkpoints.
 # ---------------------------------------------------------------------------
 
+def _closed_loop_error(kind, value) -> bool:
+  return kind is RuntimeError and str(value) == 'Event loop is closed'
+
+
+def _ignore_closed_event_loop_errors() -> None:
+  """After a failed checkpoint write, tensorstore completes the writes still
+  in flight on orbax's asyncio loop, already closed, and reports each
+  `RuntimeError: Event loop is closed` as an unraisable exception (dozens of
+  tracebacks over the one line that says what failed). Those, and only
+  those, are dropped (`sys.unraisablehook`, and `sys.excepthook` for the same
+  error raised in a thread); installed once per process."""
+  if getattr(sys.unraisablehook, 'dni_jax_closed_loop', False):
+    return
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+  def unraisable(info):
+    if not _closed_loop_error(info.exc_type, info.exc_value):
+      previous_unraisable(info)
+
+  def excepthook(kind, value, traceback):
+    if not _closed_loop_error(kind, value):
+      previous_except(kind, value, traceback)
+
+  unraisable.dni_jax_closed_loop = True
+  sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+
+def _write_failure(e: Exception) -> str:
+  """Why a write failed, in a few words: the OS reason where the error
+  carries one (orbax and tensorstore report it as `[os_error_code='28']`)."""
+  if isinstance(e, OSError) and e.errno is not None:
+    return os.strerror(e.errno)
+  text = str(e)
+  match = re.search(r"os_error_code='?(\d+)", text)
+  if match:
+    return os.strerror(int(match.group(1)))
+  first = text.splitlines()[0] if text else ''
+  return f'{type(e).__name__}: {first[:200]}'
+
+
 class Checkpointer:
   """Orbax step folders under WORKDIR/checkpoints, the last `max_to_keep` kept."""
 
   def __init__(self, workdir: str, max_to_keep: int = 3):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    _ignore_closed_event_loop_errors()
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             create=True))
+        # Synchronous saves: a failed write (a full disk) raises here, once,
+        # instead of in background threads and closed asyncio loops.
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=False))
 
   def save(self, step: int, payload: Any) -> None:
-    self.manager.save(step, args=ocp.args.StandardSave(payload), force=True)
+    """Saves `step`; a failed write (a full disk, say) raises TrainingError
+    naming the reason, the checkpoints saved before are kept."""
+    try:
+      self.manager.save(step, args=ocp.args.StandardSave(payload), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise TrainingError(
+          f'cannot save checkpoint {step} in {self.directory}: '
+          f'{_write_failure(e)}; the checkpoints saved before are kept, make '
+          'room and rerun the same command to resume') from e
 
-  def restore_latest(self, abstract_payload: Any):
+  def restore_latest(self, abstract_payload: Any,
+                     older_layouts: tuple[tuple[Any, Callable], ...] = ()):
     """(step, payload) of the newest checkpoint that restores, or (0, None).
 
-    A corrupt or half-written checkpoint is reported, moved aside to
-    WORKDIR/checkpoints_unreadable/<step> (so training can save that step
-    again), and the one before used.
+    `older_layouts` are `(abstract, upgrade)` pairs for payloads that earlier
+    versions wrote: a checkpoint that does not restore as `abstract_payload`
+    is tried as each of them, and `upgrade` turns what restored into the
+    current payload, so workdirs written before still resume.
+    A checkpoint that restores as none of them (corrupt or half-written) is
+    reported, moved aside to WORKDIR/checkpoints_unreadable/<step> (so training
+    can save that step again), and the one before used.
     """
+    layouts = ((abstract_payload, lambda p: p),) + tuple(older_layouts)
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        payload = self.manager.restore(
-            step, args=ocp.args.StandardRestore(abstract_payload))
-        return step, payload
+        for k, (abstract, upgrade) in enumerate(layouts):
+          try:
+            payload = self.manager.restore(
+                step, args=ocp.args.StandardRestore(abstract))
+            return step, upgrade(payload)
+          except Exception:  # pylint: disable=broad-except
+            if k == len(layouts) - 1:
+              raise
       except Exception as e:  # pylint: disable=broad-except
         aside = os.path.join(os.path.dirname(self.directory),
-                             'checkpoints_unreadable', str(step))
+                             UNREADABLE_DIR, str(step))
         logging.error('checkpoint %s/%d is unreadable (%s: %s); moved to %s, '
                       'trying the previous one', self.directory, step,
                       type(e).__name__,
@@ -463,6 +697,7 @@ def run_loop(*, schedule: Schedule, start_step: int, checkpointer: Checkpointer,
     raise stop.error(step) from None
   finally:
     stop.restore()
+    metrics_log.close()
   checkpointer.close()
   return LoopStats(step, early_stopped, train_seconds,
                    timed_steps / timed_seconds if timed_seconds > 0 else None)
@@ -497,6 +732,7 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
     next_batch = lambda idx: _gather(train_images, train_labels, idx)
     place_eval = None
     zero = jnp.zeros((), jnp.float32)
+    scalar = lambda v: jnp.asarray(v, jnp.float32)
   else:
     train_images, train_labels = map(np.asarray, train_data)
     test_images, test_labels = map(np.asarray, test_data)
@@ -504,6 +740,7 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
         mesh, train_images[idx], train_labels[idx])
     place_eval = lambda x, y: parallel.place_batch(mesh, x, y)
     zero = parallel.replicate(mesh, np.zeros((), np.float32))
+    scalar = lambda v: parallel.replicate(mesh, np.asarray(v, np.float32))
   # Several CPU devices of one process: one step in flight at a time (see
   # parallel.one_call_at_a_time: pipelined sharded steps can deadlock there).
   wait_each_step = (mesh is not None and jax.local_device_count() > 1
@@ -512,7 +749,7 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
   sampler = EpochSampler(train_images.shape[0], loop.batch_size, loop.seed)
 
   payload = {'state': init_state, 'train_loss_sum': zero,
-             'train_loss_count': zero}
+             'train_loss_count': zero, 'train_time': zero}  # Seconds.
   quiet_orbax_logging()
   checkpointer = Checkpointer(workdir)
   if mesh is None:
@@ -521,12 +758,17 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
         payload)
-  start_step, restored = checkpointer.restore_latest(abstract)
+  # Checkpoints written before `train_time` was kept restore without it.
+  without_time = {k: v for k, v in abstract.items() if k != 'train_time'}
+  add_time = lambda p: {**p, 'train_time': zero}
+  start_step, restored = checkpointer.restore_latest(
+      abstract, older_layouts=((without_time, add_time),))
   if restored is not None:
     payload = restored
     logging.info('resumed from %s/%d', checkpointer.directory, start_step)
   state = payload['state']
   loss_sum, loss_count = payload['train_loss_sum'], payload['train_loss_count']
+  train_time = float(payload['train_time'])
   health = None
   metrics_log = MetricsLog(workdir, start_step, write=primary)
 
@@ -550,9 +792,10 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
       check_health(health)
 
   def evaluate_row(step, fetched, train_seconds):
-    del step, train_seconds
+    del step
     nonlocal loss_sum, loss_count
-    row = {'train_loss': float(loss_sum / jnp.maximum(loss_count, 1.0))}
+    row = {'train_loss': float(loss_sum / jnp.maximum(loss_count, 1.0)),
+           'train_time': round(train_time + train_seconds, 3)}
     row.update(evaluate(eval_batch, state, test_images, test_labels,
                         place=place_eval))
     for key in ('sg_loss', 'si_loss'):   # Per interface, last step's.
@@ -565,10 +808,10 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
     return row
 
   def checkpoint_payload(train_seconds):
-    del train_seconds
     check(None)  # Never checkpoint a non-finite state.
     return {'state': state, 'train_loss_sum': loss_sum,
-            'train_loss_count': loss_count}
+            'train_loss_count': loss_count,
+            'train_time': scalar(train_time + train_seconds)}
 
   stats = run_loop(
       schedule=Schedule(loop.num_steps, loop.eval_every, loop.log_every,
@@ -589,6 +832,7 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
       'best_test_error': best['test_error'],
       'best_step': best['step'],
       'steps_per_sec': stats.steps_per_sec,
+      'train_time': round(train_time + stats.train_seconds, 3),
   }
   result.update(extra_result or {})
   if primary:

@@ -122,7 +122,8 @@ def _validate() -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    _fail(f'unexpected argument(s): {" ".join(argv[1:])} (flags are written '
+          '--name=value; see --help)')
   _validate()
   import jax
   if FLAGS.num_devices:

@@ -117,7 +117,9 @@ def plot(runs, path):
 def main(argv):
   workdirs = argv[1:]
   if not workdirs:
-    raise app.UsageError('give one or more train_multinet.py workdirs')
+    print('plot_multinet.py: error: give one or more train_multinet.py '
+          'workdirs', file=sys.stderr)
+    sys.exit(1)
   try:
     runs = sorted((_load(w) for w in workdirs),
                   key=lambda run: (run[0]['tick'], _ORDER[run[0]['mode']],

@@ -25,8 +25,18 @@ _LABEL = {'bptt': 'BPTT', 'dni': 'DNI', 'dni_aux': 'DNI+Aux'}
 
 
 def _load(workdir):
-  with open(os.path.join(workdir, 'config.json')) as f:
+  config_path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(config_path):
+    raise ValueError(f'{workdir}: no config.json; not a dni_jax workdir')
+  with open(config_path) as f:
     config = json.load(f)
+  if 'task' not in config or 'unroll' not in config:
+    kind = ('a train_multinet.py run: use scripts/plot_multinet.py'
+            if 'tick' in config else
+            'a train_ff.py run: use scripts/report.py'
+            if 'num_layers' in config else 'not a train_rnn.py run')
+    raise ValueError(f'{workdir}: {kind} (plot_rnn.py reads train_rnn.py '
+                     'workdirs)')
   result_path = os.path.join(workdir, 'result.json')
   if not os.path.exists(result_path):
     raise ValueError(f'{result_path} is missing: the run has not finished')

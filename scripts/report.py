@@ -21,6 +21,14 @@ def main(argv):
     cli.fail('report.py', 'give at least one workdir')
   with cli.one_line_errors('report.py', extra=(OSError,)):
     runs = [reporting.load_run(w) for w in workdirs]
+    for run in runs:
+      if 'num_layers' not in run.config or 'method' not in run.config:
+        kind = ('a train_rnn.py run: use scripts/plot_rnn.py'
+                if 'task' in run.config else
+                'a train_multinet.py run: use scripts/plot_multinet.py'
+                if 'tick' in run.config else 'not a train_ff.py run')
+        raise ValueError(f'{run.workdir}: {kind} (report.py reads '
+                         'train_ff.py workdirs)')
   print(reporting.feedforward_table(runs, FLAGS.paper_table))
   if FLAGS.plot:
     reporting.plot_learning_curves(runs, FLAGS.plot)

@@ -78,7 +78,9 @@ flags.DEFINE_integer('checkpoint_every', _D.checkpoint_every,
                      'Checkpoint every N steps (and at the end).')
 flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and data order.')
 flags.DEFINE_bool('overwrite', False,
-                  'Replace a workdir that holds a run with another config.')
+                  'Start again in a workdir that holds a run of this project '
+                  'and nothing else (its run entries are deleted once flags '
+                  'and data are valid; a folder with other files is refused).')
 flags.DEFINE_integer('num_devices', None,
                      'Data parallelism: split each batch over this many local '
                      'devices (default: all; --batch_size must divide over '

@@ -55,7 +55,9 @@ flags.DEFINE_integer('eval_blocks', _D.eval_blocks,
                      'evaluation (after one unscored burn-in block).')
 flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and streams.')
 flags.DEFINE_bool('overwrite', False,
-                  'Replace a workdir that holds a run with another config.')
+                  'Start again in a workdir that holds a run of this project '
+                  'and nothing else (its run entries are deleted once flags '
+                  'and data are valid; a folder with other files is refused).')
 FLAGS = flags.FLAGS
 
 

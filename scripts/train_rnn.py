@@ -58,10 +58,12 @@ flags.DEFINE_integer('patience', None,
 flags.DEFINE_integer('eval_rows', None,
                      'PTB: the validation/test text is cut into this many '
                      'contiguous streams, every character scored once '
-                     '(default 64).')
+                     '(default 64, whatever --batch_size is).')
 flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and data.')
 flags.DEFINE_bool('overwrite', False,
-                  'Replace a workdir that holds a run with another config.')
+                  'Start again in a workdir that holds a run of this project '
+                  'and nothing else (its run entries are deleted once flags '
+                  'and data are valid; a folder with other files is refused).')
 flags.DEFINE_integer('num_devices', None,
                      'Data parallelism: split the streams over this many '
                      'local devices (default: all; --batch_size and '

@@ -23,6 +23,7 @@ def run(*args, timeout=300):
                         text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_pipeline_suite_over_devices_writes_json_and_table(tmp_path):
   out = str(tmp_path / 'pipeline.json')
   proc = run('--suite=pipeline', '--num_devices=2', '--microbatches=2',
@@ -92,6 +93,7 @@ def test_data_parallel_suite_lstm_rows():
   assert rows[0]['speedup_vs_1'] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args,needle', [
     (['--suite=pipeline'], 'exactly one of --processes'),
     (['--suite=pipeline', '--processes=64'], '--processes=64'),

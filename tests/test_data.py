@@ -364,13 +364,18 @@ def test_tfds_failure_becomes_data_error(tmp_path, monkeypatch):
     raise ConnectionError('Failed to resolve\n storage.googleapis.com')
 
   monkeypatch.setattr(tfds, 'data_source', offline_data_source)
+  # The download host answers (tfds_source's probe), the download fails.
+  from dni_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(tfds_source, 'can_reach', lambda host, port: True)
   with pytest.raises(DataError) as info:
     load_dataset('fashion_mnist', 'train', data_dir=str(tmp_path), source='tfds')
   message = str(info.value)
   assert str(tmp_path) in message and 'could not find or download' in message
   assert "'fashion_mnist'" in message and 'ConnectionError' in message
   assert '--data_source=files' in message and '\n' not in message
-  assert calls == [('fashion_mnist', 'train', str(tmp_path), True)]  # Asks tfds to download.
+  # Prepared data first, then asks tfds to download.
+  assert calls == [('fashion_mnist', 'train', str(tmp_path), False),
+                   ('fashion_mnist', 'train', str(tmp_path), True)]
 
 
 def test_tfds_without_download_argument(monkeypatch):

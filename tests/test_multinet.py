@@ -150,6 +150,7 @@ def _warm_states(config, blocks=1):
 _A_UPDATE = jax.jit(functools.partial(multinet.a_update, _config('backprop')))
 
 
+@pytest.mark.slow
 def test_oracle_synthetic_gradient_a_update_equals_backprop():
   """With the true message gradients that B's update returns as the message
   gradient, A's decoupled update over the T^2 steps of a backprop update (its
@@ -224,6 +225,7 @@ def test_decoupled_passes_exactly_zero_gradient_into_a():
   assert np.isfinite(float(metrics['b_loss']))
 
 
+@pytest.mark.slow
 def test_dni_zero_initialised_m_then_synthetic_gradients_flow():
   dni, dec = _config('dni'), _config('decoupled')
   net_dni = multinet.make_multinet(dni)
@@ -283,6 +285,7 @@ _TINY = dict(tick=T, hidden_size=H, batch_size=B, num_steps=16, eval_every=8,
              learning_rate=LR)
 
 
+@pytest.mark.slow
 def test_workdir_contract_and_exact_resume(tmp_path):
   data_dir = conftest.write_mnist_like(str(tmp_path / 'mnist'), 64, 32)
   workdir = str(tmp_path / 'run')
@@ -368,6 +371,7 @@ def _script_main(*args):
   module.main(['train_multinet.py'])
 
 
+@pytest.mark.slow
 def test_script_runs_and_reports_bad_flags(tmp_path, capsys, caplog):
   """A tiny run through the script's main (progress lines, result.json);
   a missing data file and a bad flag give one error line and no workdir."""

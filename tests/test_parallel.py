@@ -83,6 +83,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case, num_devices', [
     ('cdni_every_layer', 2), ('dni_cnn', 4), ('complete_unlock_sparse', 4)])
 def test_fused_step_sharded_equals_one_device(case, num_devices):
@@ -266,6 +267,7 @@ def run_train_ff(workdir, data_dir, *extra):
       capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
 
 
+@pytest.mark.slow
 def test_bad_parallel_flags_fail_before_the_workdir(tmp_path, mnist_dir):
   proc = run_train_ff(tmp_path / 'bad', mnist_dir, '--num_devices=3')
   assert proc.returncode == 1

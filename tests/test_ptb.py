@@ -186,6 +186,7 @@ def test_bad_settings_are_named(tmp_path, kw, match):
     _exp(tmp_path, **kw)
 
 
+@pytest.mark.slow
 def test_script_gives_one_error_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, 'scripts', 'train_rnn.py'),

@@ -41,6 +41,7 @@ def test_table_puts_ours_beside_the_paper(tmp_path):
   assert table[3] == '| 4 |  | unfinished | 1.8 | 1.9 |'
 
 
+@pytest.mark.slow
 def test_script_writes_table_and_png(tmp_path):
   dirs = [fake_run(tmp_path, 3, m, [9.0, 4.0]) for m in ('bprop', 'dni')]
   png = tmp_path / 'curves.png'
@@ -53,6 +54,7 @@ def test_script_writes_table_and_png(tmp_path):
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow
 def test_script_rejects_a_folder_that_is_not_a_workdir(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, 'scripts', 'report.py'),
@@ -74,6 +76,7 @@ def test_single_dni_table_and_diagnostics_plot(tmp_path):
   assert png.read_bytes()[:4] == b'\x89PNG'
 
 
+@pytest.mark.slow
 def test_reproduce_requires_its_flags(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, 'scripts', 'reproduce.py'),
@@ -82,6 +85,7 @@ def test_reproduce_requires_its_flags(tmp_path):
   assert proc.returncode == 1 and '--data_dir is required' in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flag, message', [
     ('--methods=dni,sgd', '--methods=dni,sgd: sgd not in '
      '--experiment=table1_cifar10_fcn (its methods: bprop,cdni,dni,no_bprop)'),
@@ -102,6 +106,7 @@ def test_reproduce_rejects_a_selection_outside_the_grid(tmp_path, flag,
   assert not (tmp_path / 'out').exists()   # Nothing written.
 
 
+@pytest.mark.slow
 def test_reproduce_runs_only_the_selected_part_of_a_grid(tmp_path, mnist_dir):
   out = tmp_path / 'out'
   proc = subprocess.run(

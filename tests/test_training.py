@@ -37,6 +37,7 @@ def run_script(*args):
                         text=True, timeout=300, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_script_writes_the_workdir_contract_and_learns(tmp_path, mnist_dir):
   workdir = tmp_path / 'run'
   proc = run_script(f'--workdir={workdir}', '--dataset=mnist',
@@ -67,6 +68,7 @@ def test_script_writes_the_workdir_contract_and_learns(tmp_path, mnist_dir):
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['30', '60']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args, needle', [
     (['--num_layers=1'], '--num_layers=1'),
     (['--learning_rate=0'], '--learning_rate=0.0'),
@@ -91,6 +93,7 @@ def test_script_bad_input_is_one_clear_line(tmp_path, mnist_dir, args, needle):
   assert not (workdir / 'result.json').exists()
 
 
+@pytest.mark.slow
 def test_script_single_dni_writes_one_interface(tmp_path, mnist_dir):
   workdir = tmp_path / 'run'
   proc = run_script(f'--workdir={workdir}', f'--data_dir={mnist_dir}',
@@ -103,6 +106,7 @@ def test_script_single_dni_writes_one_interface(tmp_path, mnist_dir):
   assert len(row['sg_loss']) == 1 and len(row['sg_cosine']) == 1
 
 
+@pytest.mark.slow
 def test_script_trains_a_cnn_and_records_resolved_sizes(tmp_path, mnist_dir):
   workdir = tmp_path / 'run'
   proc = run_script(f'--workdir={workdir}', f'--data_dir={mnist_dir}',
@@ -116,6 +120,7 @@ def test_script_trains_a_cnn_and_records_resolved_sizes(tmp_path, mnist_dir):
   assert len(read_lines(workdir / 'metrics.jsonl')[-1]['sg_cosine']) == 2
 
 
+@pytest.mark.slow
 def test_script_complete_unlock_records_input_model_losses(tmp_path,
                                                            mnist_dir):
   workdir = tmp_path / 'run'
@@ -130,6 +135,7 @@ def test_script_complete_unlock_records_input_model_losses(tmp_path,
   assert 'test_error' in row and len(row['si_loss']) == 2
 
 
+@pytest.mark.slow
 def test_script_requires_workdir(mnist_dir):
   proc = run_script(f'--data_dir={mnist_dir}')
   assert proc.returncode == 1 and '--workdir is required' in proc.stderr
@@ -145,6 +151,7 @@ def _interrupting(train_step, at_step):
   return step
 
 
+@pytest.mark.slow
 def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, mnist_dir,
                                                          monkeypatch, caplog):
   full = tiny_experiment(tmp_path / 'full', mnist_dir)
@@ -166,10 +173,13 @@ def test_resume_after_crash_reproduces_uninterrupted_run(tmp_path, mnist_dir,
     experiments.train_feedforward(crashed)
   assert any('resumed from' in r.getMessage() and r.getMessage().endswith('/10')
              for r in caplog.records)
-  assert (read_lines(tmp_path / 'full' / 'metrics.jsonl')
-          == read_lines(tmp_path / 'crashed' / 'metrics.jsonl'))
+  untimed = lambda rows: [{k: v for k, v in r.items() if k != 'train_time'}
+                          for r in rows]
+  assert (untimed(read_lines(tmp_path / 'full' / 'metrics.jsonl'))
+          == untimed(read_lines(tmp_path / 'crashed' / 'metrics.jsonl')))
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, mnist_dir):
   exp = tiny_experiment(tmp_path / 'run', mnist_dir, num_steps=10)
   experiments.train_feedforward(exp)
@@ -281,16 +291,19 @@ def test_tfds_source_trains_end_to_end(tmp_path):
   assert result['num_steps'] == 2 and 0 <= result['test_error'] <= 100
 
 
-TIMING_FIELDS = ('steps_per_sec',)
+TIMING_FIELDS = ('steps_per_sec', 'train_time')
 
 
 def _outputs(workdir):
   result = json.loads((workdir / 'result.json').read_text())
-  for key in TIMING_FIELDS:
-    result.pop(key)
-  return (workdir / 'metrics.jsonl').read_text(), result
+  rows = read_lines(workdir / 'metrics.jsonl')
+  for row_or_result in rows + [result]:
+    for key in TIMING_FIELDS:
+      row_or_result.pop(key, None)
+  return rows, result
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_point_then_resume_matches_uninterrupted(tmp_path,
                                                                 mnist_dir):
   """A real process killed with SIGKILL mid-run, then resumed by rerunning the
@@ -322,6 +335,7 @@ def test_sigkill_at_any_point_then_resume_matches_uninterrupted(tmp_path,
   assert _outputs(killed) == _outputs(reference)
 
 
+@pytest.mark.slow
 def test_same_seed_same_command_is_bit_identical(tmp_path, mnist_dir):
   a = tiny_experiment(tmp_path / 'a', mnist_dir, method='dni', num_steps=10)
   b = tiny_experiment(tmp_path / 'b', mnist_dir, method='dni', num_steps=10)
@@ -334,6 +348,7 @@ def test_same_seed_same_command_is_bit_identical(tmp_path, mnist_dir):
   assert _outputs(tmp_path / 'c')[0] != _outputs(tmp_path / 'a')[0]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, mnist_dir):
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top

@@ -37,15 +37,19 @@ _IDX_STEMS = {
 }
 _HOW_TO_GET = {
     'mnist': ('get the official MNIST IDX files (e.g. from '
-              'https://storage.googleapis.com/cvdf-datasets/mnist/) into --data_dir, '
-              'or use --data_source=tfds'),
+              'https://storage.googleapis.com/cvdf-datasets/mnist/) into --data_dir'),
     'fashion_mnist': ('install them with `apt-get install dataset-fashion-mnist` (into '
-                      f'{FASHION_MNIST_DEBIAN_DIR}), pass --data_dir with the official IDX files, '
-                      'or use --data_source=tfds'),
+                      f'{FASHION_MNIST_DEBIAN_DIR}) or pass --data_dir with the official IDX '
+                      'files'),
     'cifar10': ('download and extract the binary version, cifar-10-binary.tar.gz, from '
-                'https://www.cs.toronto.edu/~kriz/cifar.html and pass its folder as --data_dir, '
-                'or use --data_source=tfds'),
+                'https://www.cs.toronto.edu/~kriz/cifar.html and pass its folder as --data_dir'),
 }
+# Added to the hints above where the caller has a --data_source flag.
+_TFDS_HINT = ', or use --data_source=tfds'
+
+
+def _how_to_get(name: str, tfds_hint: bool) -> str:
+  return _HOW_TO_GET[name] + (_TFDS_HINT if tfds_hint else '')
 
 
 def _check_choice(kind: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -66,7 +70,8 @@ def _idx_paths(name: str, split: str, data_dir: str) -> tuple[str, str]:
   return paths[0], paths[1]
 
 
-def _read_files(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _read_files(name: str, split: str, data_dir: str | None,
+                tfds_hint: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Reads uint8 images [N, H, W, C] and labels [N] from the official file formats."""
   # Readers import DataError from this module, so they are imported here rather than at the top.
   from dni_jax.data import cifar  # pylint: disable=g-import-not-at-top
@@ -74,8 +79,8 @@ def _read_files(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray
   if data_dir is None:
     if name != 'fashion_mnist':
       raise DataError(
-          f'{name} from files needs a folder: pass --data_dir or use --data_source=tfds '
-          f'({_HOW_TO_GET[name]})')
+          f'{name} from files needs a folder: pass --data_dir '
+          f'({_how_to_get(name, tfds_hint)})')
     data_dir = FASHION_MNIST_DEBIAN_DIR
   data_dir = os.path.abspath(data_dir)  # Messages name files by their full path.
   try:
@@ -84,11 +89,12 @@ def _read_files(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray
     images_path, labels_path = _idx_paths(name, split, data_dir)
     images_NxHxW, labels_N = idx.read_idx_pair(images_path, labels_path, _NUM_CLASSES[name])
   except DataError as err:  # The readers say what is wrong; add how to get good data.
-    raise DataError(f'{err}; {_HOW_TO_GET[name]}') from err
+    raise DataError(f'{err}; {_how_to_get(name, tfds_hint)}') from err
   if images_NxHxW.shape[1:] != _IMAGE_SHAPE_HW[name]:
     raise DataError(
         f'{images_path}: images are {images_NxHxW.shape[1]}x{images_NxHxW.shape[2]}, expected '
-        f'{name} images of {_IMAGE_SHAPE_HW[name][0]}x{_IMAGE_SHAPE_HW[name][1]}; {_HOW_TO_GET[name]}')
+        f'{name} images of {_IMAGE_SHAPE_HW[name][0]}x{_IMAGE_SHAPE_HW[name][1]}; '
+        f'{_how_to_get(name, tfds_hint)}')
   return images_NxHxW[..., None], labels_N
 
 
@@ -96,7 +102,8 @@ def load_dataset(name: str,
                  split: str,
                  data_dir: str | None = None,
                  source: str = 'files',
-                 limit: int | None = None) -> Dataset:
+                 limit: int | None = None,
+                 tfds_hint: bool = True) -> Dataset:
   """Loads one split of a dataset into host memory.
 
   Args:
@@ -107,6 +114,8 @@ def load_dataset(name: str,
       FASHION_MNIST_DEBIAN_DIR); for source='tfds', the TFDS data folder (None: TFDS's default).
     source: 'files' or 'tfds'.
     limit: keep only the first `limit` examples (for quick runs); None keeps all.
+    tfds_hint: whether error messages suggest --data_source=tfds (False for a caller without
+      that flag).
 
   Returns:
     Dataset with images float32 [N, H, W, C] = uint8 / 255 and labels int32 [N].
@@ -120,7 +129,7 @@ def load_dataset(name: str,
   if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
     raise DataError(f'limit must be a positive integer or None, got {limit!r}')
   if source == 'files':
-    images_uint8, labels = _read_files(name, split, data_dir)
+    images_uint8, labels = _read_files(name, split, data_dir, tfds_hint)
   else:
     from dni_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     images_uint8, labels = tfds_source.read_tfds(_TFDS_NAMES[name], split, data_dir, limit)
