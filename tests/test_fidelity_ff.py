@@ -157,6 +157,7 @@ def test_ground_truth_diagnostics_match_the_paper(model, top_fraction):
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_script_runs_resumes_and_reports_bad_flags(tmp_path):
   data_dir = conftest.write_mnist_like(str(tmp_path / 'mnist'), 96, 64)
   workdir = str(tmp_path / 'fid')
