@@ -51,3 +51,19 @@ def write_mnist_like(directory: str, num_train: int = 512, num_test: int = 128,
 def mnist_dir(tmp_path):
   """A tiny, learnable MNIST-format dataset in IDX files."""
   return write_mnist_like(str(tmp_path / 'mnist'))
+
+
+def copy_tree(tree):
+  """Jitted updates may donate their states: keep the originals usable."""
+  return jax.tree.map(jax.numpy.copy, tree)
+
+
+def assert_tree_close(actual, expected):
+  """rtol 1e-5 per element; atol 1e-6 of the leaf's largest magnitude (Adam's
+  second moments are squares of small gradients)."""
+  paths = jax.tree_util.tree_leaves_with_path(expected)
+  for (path, e), a in zip(paths, jax.tree.leaves(actual)):
+    e, a = np.asarray(e), np.asarray(a)
+    scale = float(np.max(np.abs(e))) if e.size else 0.0
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6 * scale + 1e-30,
+                               err_msg=jax.tree_util.keystr(path))

@@ -34,6 +34,8 @@ import numpy as np
 import optax
 import pytest
 
+import conftest
+
 from dni_jax import recurrent
 from dni_jax import rnn_experiments
 from dni_jax import rnn_tasks
@@ -249,19 +251,8 @@ def _jit_step(config):
   return jax.jit(functools.partial(recurrent.train_step, config))
 
 
-def _copy(tree):
-  return jax.tree.map(jnp.copy, tree)
-
-
-def _assert_close(actual, expected):
-  """rtol 1e-5 per element; atol 1e-6 of the leaf's largest magnitude (Adam's
-  second moments are squares of small gradients)."""
-  paths = jax.tree_util.tree_leaves_with_path(expected)
-  for (path, e), a in zip(paths, jax.tree.leaves(actual)):
-    e, a = np.asarray(e), np.asarray(a)
-    scale = float(np.max(np.abs(e))) if e.size else 0.0
-    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6 * scale + 1e-30,
-                               err_msg=jax.tree_util.keystr(path))
+_copy = conftest.copy_tree
+_assert_close = conftest.assert_tree_close
 
 
 # ---------------------------------------------------------------------------
