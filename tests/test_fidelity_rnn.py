@@ -1,0 +1,300 @@
+"""scripts/fidelity_rnn.py: the delayed-recall task, its ground-truth gradient,
+the cosines, and tiny runs of both experiments through the script's main."""
+
+import functools
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import conftest
+from dni_jax import recurrent
+
+SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'scripts',
+                      'fidelity_rnn.py')
+
+
+@functools.lru_cache(maxsize=None)
+def _module():
+  spec = importlib.util.spec_from_file_location('fidelity_rnn_script', SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _main(*args):
+  module = _module()
+  module.FLAGS.unparse_flags()
+  module.FLAGS(['fidelity_rnn.py', *args])
+  module.main(['fidelity_rnn.py'])
+
+
+def _config(method, core='lstm', unroll=2, bits=2, hidden=5):
+  return recurrent.RecurrentConfig(
+      core=core, input_size=bits + 2, output_size=bits, hidden_size=hidden,
+      unroll=unroll, method=method, loss='bernoulli', sg_scale=0.1)
+
+
+def _episodes(batch=3, delay=5, bits=2, distractors=True, seed=0):
+  return _module().recall_episodes(np.random.default_rng(seed), batch, delay,
+                                   bits, distractors)
+
+
+def test_recall_episode_layout():
+  eps = _episodes(batch=4, delay=5, bits=3)
+  assert eps.inputs.shape == (4, 6, 5) and eps.targets.shape == (4, 6, 3)
+  cue = eps.inputs[:, 0, :3]
+  np.testing.assert_array_equal(eps.targets[:, -1], cue)
+  np.testing.assert_array_equal(eps.targets[:, :-1], 0.0)
+  np.testing.assert_array_equal(eps.mask, [[0, 0, 0, 0, 0, 1]] * 4)
+  np.testing.assert_array_equal(eps.resets, [[1, 0, 0, 0, 0, 0]] * 4)
+  np.testing.assert_array_equal(eps.inputs[:, :, 3], [[1, 0, 0, 0, 0, 0]] * 4)
+  np.testing.assert_array_equal(eps.inputs[:, :, 4], [[0, 0, 0, 0, 0, 1]] * 4)
+  np.testing.assert_array_equal(eps.inputs[:, -1, :3], 0.0)
+  assert set(np.unique(eps.inputs[:, 1:-1, :3])) == {0.0, 1.0}
+  quiet = _episodes(batch=4, delay=5, bits=3, distractors=False)
+  np.testing.assert_array_equal(quiet.inputs[:, 1:, :3], 0.0)
+
+
+def test_recall_rejects_dependencies_inside_one_unroll():
+  check = _module().check_recall
+  check(unroll=3, delay=5, bits=2)
+  with pytest.raises(ValueError, match='--delay=2: must be >= --unroll=3'):
+    check(unroll=3, delay=2, bits=2)
+  with pytest.raises(ValueError, match='multiple of --unroll=3'):
+    check(unroll=3, delay=6, bits=2)
+
+
+def test_bptt_gives_the_cue_flag_no_gradient_dni_does():
+  """The premise of the experiment: with the cue and the loss in different
+  unrolls, truncated BPTT's gradient on the cue flag's input weights is
+  exactly zero in every unroll; DNI's is not once M emits a gradient."""
+  bits, unroll = 2, 2
+  eps = _episodes(delay=3, bits=bits)
+  chunks = _module().split_chunks(eps, unroll)
+  for method in ('bptt', 'dni'):
+    config = _config(method, unroll=unroll, bits=bits)
+    params = recurrent.init_params(config, jax.random.key(0))
+    if method == 'dni':   # A trained-looking M: non-zero last layer.
+      params['sg']['w2'] = jax.random.normal(jax.random.key(1),
+                                             params['sg']['w2'].shape)
+    state = recurrent.zero_state(config, 3)
+    flag_grads = []
+    for chunk in chunks:
+      chunk = recurrent.Chunk(*map(jnp.asarray, chunk))
+      boundary = (tuple(jnp.zeros_like(s) for s in state) if method == 'bptt'
+                  else lambda y, p=params, c=config: tuple(
+                      c.sg_scale * d for d in recurrent.split_state(
+                          c, recurrent.mlp_apply(p['sg'], y[:, -1]))))
+      out = recurrent.unroll_gradients(config, params, state, chunk, boundary)
+      flag_grads.append(np.asarray(out.grads['core']['w_x'][bits]))
+      state = out.final_state
+    if method == 'bptt':
+      np.testing.assert_array_equal(flag_grads, 0.0)
+    else:
+      assert np.abs(flag_grads[0]).max() > 1e-6
+
+
+@pytest.mark.parametrize('core', ['lstm', 'rnn'])
+def test_true_boundary_gradient_is_full_bptt(core):
+  """B * dL_future/ds_b against the test's own reference: the whole episode's
+  loss with a perturbation eps added to the state at the boundary, d/deps at
+  eps = 0 (only the steps after the boundary depend on it)."""
+  unroll, bits, delay, batch = 2, 2, 5, 3
+  config = _config('dni', core=core, unroll=unroll, bits=bits)
+  params = recurrent.init_params(config, jax.random.key(3))
+  eps = _episodes(batch=batch, delay=delay, bits=bits, seed=4)
+  episodes = recurrent.Chunk(*map(jnp.asarray, eps))
+  got = _module().true_boundary_grads(config, params, episodes)
+  assert len(got) == (delay + 1) // unroll - 1
+
+  def episode_loss(perturbation, boundary):
+    state = recurrent.zero_state(config, batch)
+    total = 0.0
+    for t in range(delay + 1):
+      if t == boundary:
+        state = tuple(s + d for s, d in zip(state, perturbation))
+      x = episodes.inputs[:, t]
+      if core == 'lstm':
+        state, y = recurrent.lstm_step(params['core'], state, x)
+      else:
+        (h,) = state
+        y = jnp.tanh(x @ params['core']['w_x'] + h @ params['core']['w_h']
+                     + params['core']['b'][None])
+        state = (y,)
+      logits = y @ params['readout']['w'] + params['readout']['b'][None]
+      target = episodes.targets[:, t]
+      bce = (jnp.maximum(logits, 0) - logits * target
+             + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+      total = total + jnp.sum(bce, axis=-1) @ episodes.mask[:, t]
+    return total / batch
+
+  for j, grad in enumerate(got, start=1):
+    zeros = recurrent.zero_state(config, batch)
+    want = jax.grad(episode_loss)(zeros, j * unroll)
+    for g, w in zip(grad, want):
+      np.testing.assert_allclose(g, batch * w, rtol=1e-5, atol=1e-7)
+
+
+def test_parameter_gradient_cosine_against_split_parameters():
+  """cos_param_grad_sg_true: the core-parameter gradient through the unroll
+  before the boundary, from M(y_b) and from the true future loss. Reference:
+  the core's parameters duplicated, one copy used in the first unroll only;
+  d/d(copy) of the episode loss (true) and of <M(y_b), s_b>/B (synthetic)."""
+  unroll, bits, delay, batch = 2, 2, 3, 3
+  config = _config('dni', unroll=unroll, bits=bits)
+  params = recurrent.init_params(config, jax.random.key(5))
+  params['sg']['w2'] = jax.random.normal(jax.random.key(6),
+                                         params['sg']['w2'].shape)
+  eps = recurrent.Chunk(*map(jnp.asarray, _episodes(batch, delay, bits,
+                                                    seed=7)))
+
+  def run(first, rest):
+    state, total = recurrent.zero_state(config, batch), 0.0
+    boundary = None
+    for t in range(delay + 1):
+      if t == unroll:
+        boundary = state
+      core = first if t < unroll else rest
+      state, y = recurrent.lstm_step(core, state, eps.inputs[:, t])
+      if t == unroll - 1:
+        y_b = y
+      logits = y @ params['readout']['w'] + params['readout']['b'][None]
+      target = eps.targets[:, t]
+      bce = (jnp.maximum(logits, 0) - logits * target
+             + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+      total = total + jnp.sum(bce, axis=-1) @ eps.mask[:, t]
+    return total / batch, boundary, y_b
+
+  core = params['core']
+  true = jax.grad(lambda f: run(f, core)[0])(core)
+  _, _, y_b = run(core, core)
+  m = jax.lax.stop_gradient(recurrent.mlp_apply(params['sg'], y_b))
+  synthetic = jax.grad(lambda f: jnp.sum(
+      recurrent.flatten_state(run(f, core)[1]) * m) / batch)(core)
+  flat = lambda tree: np.concatenate(
+      [np.ravel(v) for v in jax.tree.leaves(tree)])
+  a, b = flat(synthetic), flat(true)
+  want = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+  diag = _module().make_recall_diagnostics(config)(params, eps)
+  np.testing.assert_allclose(
+      diag['boundaries'][0]['cos_param_grad_sg_true'], want, rtol=1e-4)
+  assert abs(want) > 1e-3
+  a, b = np.asarray(synthetic['w_x'][bits]), np.asarray(true['w_x'][bits])
+  want_flag = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+  np.testing.assert_allclose(
+      diag['boundaries'][0]['cos_flag_grad_sg_true'], want_flag, rtol=1e-4)
+  assert abs(want_flag) > 1e-3
+
+
+def test_cosines():
+  p = np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)
+  t = np.array([[1.0, 1.0], [-2.0, -2.0]], np.float32)
+  got = _module().cosines(jnp.asarray(p), jnp.asarray(t))
+  flat = np.sum(p * t) / np.linalg.norm(p) / np.linalg.norm(t)
+  np.testing.assert_allclose(got['batch'], flat, rtol=1e-6)
+  np.testing.assert_allclose(got['per_example'],
+                             (1 / np.sqrt(2) - 1.0) / 2, rtol=1e-6)
+
+
+def test_diagnostics_at_init():
+  """A new M emits zero, so its bootstrapped target is the true gradient of
+  the next unroll's loss, i.e. the whole future when one boundary remains."""
+  module = _module()
+  config = _config('dni', unroll=2, bits=2)
+  params = recurrent.init_params(config, jax.random.key(0))
+  diag = module.make_recall_diagnostics(config)(params,
+                                                _episodes(delay=3, seed=2))
+  assert len(diag['boundaries']) == 1
+  b = diag['boundaries'][0]
+  assert b['sg_norm'] == 0.0 and b['cos_sg_true'] == 0.0
+  np.testing.assert_allclose(b['cos_target_true'], 1.0, rtol=1e-5)
+  assert 0.0 <= diag['bit_accuracy'] <= 1.0
+
+
+_TINY_RECALL = ['--num_steps=4', '--eval_every=2', '--hidden_size=6',
+                '--batch_size=4', '--eval_batch=8', '--unroll=2', '--delay=3',
+                '--bits=2', '--seeds=0,1']
+
+
+def test_recall_runs_resumes_and_summarises(tmp_path, capsys):
+  workdir = str(tmp_path / 'fid')
+  plot = str(tmp_path / 'recall.png')
+  _main('--experiment=recall', f'--workdir={workdir}', f'--plot={plot}',
+        *_TINY_RECALL)
+  out = os.path.join(workdir, 'recall')
+  files = sorted(os.listdir(out))
+  assert files == sorted([f'{m}_seed{s}.json' for m in ('bptt', 'dni',
+                                                         'dni_aux')
+                          for s in (0, 1)] + ['summary.json'])
+  with open(os.path.join(out, 'dni_seed1.json')) as f:
+    run = json.load(f)
+  assert [r['step'] for r in run['rows']] == [0, 2, 4]
+  assert len(run['rows'][-1]['boundaries']) == 1
+  with open(os.path.join(out, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['bptt']['final_bits_per_cue_bit']['n'] == 2
+  assert summary['bptt']['final_tail_bits_per_cue_bit']['n'] == 2
+  assert {'final_cos_sg_true', 'final_cos_param_grad_sg_true',
+          'final_tail_cos_param_grad_sg_true'} <= set(summary['dni_aux'])
+  assert os.path.getsize(plot) > 0
+  # A second call finds every run done and recomputes nothing.
+  mtime = os.path.getmtime(os.path.join(out, 'dni_seed1.json'))
+  capsys.readouterr()
+  _main('--experiment=recall', f'--workdir={workdir}', *_TINY_RECALL)
+  assert 'seed' not in capsys.readouterr().out.split('{')[0]
+  assert os.path.getmtime(os.path.join(out, 'dni_seed1.json')) == mtime
+
+
+def test_multinet_runs_with_probe_and_state_reading_m(tmp_path):
+  data_dir = conftest.write_mnist_like(str(tmp_path / 'mnist'), 64, 32)
+  workdir = str(tmp_path / 'fid')
+  _main('--experiment=multinet', f'--workdir={workdir}',
+        f'--data_dir={data_dir}', '--tick=2', '--num_steps=8',
+        '--eval_every=4', '--hidden_size=4', '--batch_size=4',
+        '--eval_streams=4', '--eval_blocks=1', '--seeds=0')
+  out = os.path.join(workdir, 'multinet')
+  with open(os.path.join(out, 'dni_seed0.json')) as f:
+    dni = json.load(f)
+  with open(os.path.join(out, 'dni_state_seed0.json')) as f:
+    state = json.load(f)
+  assert [r['step'] for r in dni['rows']] == [4, 8]
+  assert {'cos_m_message_only', 'cos_probe_message_state',
+          'cos_probe_message_state_labels',
+          'b_test_error'} <= set(dni['rows'][-1])
+  assert 'cos_m_message_state' in state['rows'][-1]
+  assert state['config']['mode'] == 'dni_state'
+  with open(os.path.join(out, 'decoupled_seed0.json')) as f:
+    decoupled = json.load(f)
+  assert not any(k.startswith('cos') for k in decoupled['rows'][-1])
+  with open(os.path.join(out, 'summary.json')) as f:
+    assert set(json.load(f)) == {'backprop', 'dni', 'dni_state', 'decoupled'}
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--experiment=recall', '--delay=4', '--unroll=4'],
+     '--delay=4: delay + 1 must be a multiple of --unroll=4'),
+    (['--experiment=recall', '--methods=bptt,backprop'],
+     "--methods: 'backprop' is not one of bptt, dni, dni_aux"),
+    (['--experiment=recall', '--seeds=a'], '--seeds=a: must be integers'),
+    (['--experiment=recall', '--learning_rate=-1'],
+     '--learning_rate=-1.0: must be a positive finite number'),
+    (['--experiment=multinet', '--tick=3', '--num_steps=10'],
+     '--num_steps=10: must be a multiple of tick^2 = 9'),
+    (['--experiment=multinet', '--num_steps=9', '--eval_every=9',
+      '--data_dir=/nonexistent'], '--data_dir=/nonexistent: not a folder'),
+])
+def test_bad_flags_one_line_and_nothing_written(tmp_path, capsys, args,
+                                                message):
+  workdir = str(tmp_path / 'fid')
+  with pytest.raises(SystemExit) as exit_info:
+    _main(f'--workdir={workdir}', *args)
+  assert exit_info.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('fidelity_rnn.py: error:')
+  assert message in err[0]
+  assert not os.path.exists(workdir)
