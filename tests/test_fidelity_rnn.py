@@ -298,3 +298,123 @@ def test_bad_flags_one_line_and_nothing_written(tmp_path, capsys, args,
   assert len(err) == 1 and err[0].startswith('fidelity_rnn.py: error:')
   assert message in err[0]
   assert not os.path.exists(workdir)
+
+
+# ---------------------------------------------------------------------------
+# scripts/recall_m_check.py: M trained alone on a frozen core.
+# ---------------------------------------------------------------------------
+
+CHECK_SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'scripts',
+                            'recall_m_check.py')
+
+
+@functools.lru_cache(maxsize=None)
+def _check_module():
+  import sys   # pylint: disable=g-import-not-at-top
+  # The check script imports fidelity_rnn: the copy loaded above (its flags
+  # are registered once).
+  sys.modules.setdefault('fidelity_rnn', _module())
+  spec = importlib.util.spec_from_file_location('recall_m_check_script',
+                                                CHECK_SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _check_main(*args):
+  module = _check_module()
+  module.FLAGS.unparse_flags()
+  module.FLAGS(['recall_m_check.py', *args])
+  module.main(['recall_m_check.py'])
+
+
+def test_m_check_param_grads_against_split_parameters():
+  """param_grads: the core-parameter gradients through the first unroll that
+  M(y_b) and the true future gradient induce. Reference: the core's
+  parameters duplicated, one copy used in the first unroll only; d/d(copy)
+  of <M(y_b), s_b>/B and of the episode loss (full BPTT)."""
+  unroll, bits, delay, batch = 2, 2, 3, 3
+  config = _config('dni', unroll=unroll, bits=bits)
+  params = recurrent.init_params(config, jax.random.key(5))
+  params['sg']['w2'] = jax.random.normal(jax.random.key(6),
+                                         params['sg']['w2'].shape)
+  eps = recurrent.Chunk(*map(jnp.asarray, _episodes(batch, delay, bits,
+                                                    seed=7)))
+
+  def run(first, rest):
+    state = (jnp.zeros((batch, 5)), jnp.zeros((batch, 5)))
+    total = 0.0
+    for t in range(delay + 1):
+      if t == unroll:
+        boundary = state
+      core = first if t < unroll else rest
+      state, y = recurrent.lstm_step(core, state, eps.inputs[:, t])
+      if t == unroll - 1:
+        y_b = y
+      logits = y @ params['readout']['w'] + params['readout']['b'][None]
+      target = eps.targets[:, t]
+      bce = (jnp.maximum(logits, 0) - logits * target
+             + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+      total = total + jnp.sum(bce, axis=-1) @ eps.mask[:, t]
+    return total / batch, boundary, y_b
+
+  core = params['core']
+  _, _, y_b = run(core, core)
+  m = jax.lax.stop_gradient(recurrent.mlp_apply(params['sg'], y_b))
+  want_sg = jax.grad(lambda f: jnp.sum(
+      recurrent.flatten_state(run(f, core)[1]) * m) / batch)(core)
+  want_true = jax.grad(lambda f: run(f, core)[0])(core)
+  got_sg, got_true = _check_module().param_grads(config, params, eps)
+  flat = lambda tree: np.concatenate(
+      [np.ravel(v) for v in jax.tree.leaves(tree)])
+  for got, want in ((got_sg, flat(want_sg)), (got_true, flat(want_true))):
+    assert np.linalg.norm(want) > 1e-3
+    # float32, summed in another order: elementwise rtol, and an atol far
+    # below the vector's scale for the entries near zero.
+    np.testing.assert_allclose(got, want, rtol=1e-5,
+                               atol=1e-6 * np.abs(want).max())
+
+
+_TINY_CHECK = ['--num_steps=6', '--m_steps=4', '--m_eval_every=2',
+               '--lag_every=2', '--hidden_size=6', '--batch_size=4',
+               '--eval_batch=8', '--unroll=2', '--delay=3', '--bits=2',
+               '--seeds=0']
+
+
+def test_m_check_runs_sign_check_and_freezes_the_core(tmp_path):
+  """The sign check is +1 (the library's boundary term with delta = the
+  true gradient is the full-BPTT gradient); while M trains alone the core
+  and readout do not move (the held-out recall loss and the true gradient's
+  norm stay exactly the trained run's)."""
+  out = str(tmp_path / 'check.json')
+  _check_main(f'--out={out}', *_TINY_CHECK)
+  with open(out) as f:
+    result = json.load(f)['results'][0]
+  np.testing.assert_allclose(result['sign_check_cos'], 1.0, rtol=1e-5)
+  trained = result['trained']
+  assert result['library_continue'][0]['cos_sg_true'] == trained['cos_sg_true']
+  for phase in ('library_continue', 'library_fresh', 'oracle'):
+    assert [r['step'] for r in result[phase]] == [0, 2, 4]
+    for row in result[phase]:
+      assert row['bits_per_cue_bit'] == trained['bits_per_cue_bit']
+      assert row['true_norm'] == trained['true_norm']
+  assert result['library_fresh'][0]['sg_norm'] == 0.0
+  assert result['library_fresh'][-1]['sg_norm'] > 0.0
+  assert set(result['lag']) == {'0', '2'}
+
+
+def test_m_check_bad_flags_one_line_and_nothing_written(tmp_path, capsys):
+  out = tmp_path / 'check.json'
+  out.write_text('keep')
+  with pytest.raises(SystemExit) as exit_info:
+    _check_main(f'--out={out}', *_TINY_CHECK)
+  assert exit_info.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f'recall_m_check.py: error: --out={out}: exists (not '
+                 'overwritten)']
+  assert out.read_text() == 'keep'
+  with pytest.raises(SystemExit):
+    _check_main(f'--out={tmp_path / "new.json"}', '--m_steps=0')
+  assert 'recall_m_check.py: error: --m_steps=0: must be positive' in (
+      capsys.readouterr().err)
+  assert not (tmp_path / 'new.json').exists()
