@@ -22,6 +22,7 @@ folder that holds a run and nothing foreign.
 """
 
 import json
+import logging as std_logging
 import math
 import os
 import re
@@ -78,6 +79,18 @@ def quiet_orbax_logging() -> None:
   if not any(getattr(f, 'dni_jax_orbax', False) for f in logger.filters):
     keep.dni_jax_orbax = True
     logger.addFilter(keep)
+  # After a failed write, the asyncio loop orbax writes on may log each of
+  # its failed write tasks ("Task exception was never retrieved", with a
+  # traceback), depending on when they are collected: the failed save is
+  # reported in one line by the caller, so those records are dropped.
+  def drop_orbax_tasks(record):
+    return not ('exception was never retrieved' in str(record.msg)
+                and 'orbax' in record.getMessage())
+  asyncio_logger = std_logging.getLogger('asyncio')
+  if not any(getattr(f, 'dni_jax_orbax', False)
+             for f in asyncio_logger.filters):
+    drop_orbax_tasks.dni_jax_orbax = True
+    asyncio_logger.addFilter(drop_orbax_tasks)
 
 
 def normalise_path(path: str | None) -> str | None:

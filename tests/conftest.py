@@ -1,5 +1,6 @@
 """Shared test setup: strict numerics, fake devices, tiny generated datasets."""
 
+import contextlib
 import gzip
 import os
 import struct
@@ -67,3 +68,19 @@ def assert_tree_close(actual, expected):
     scale = float(np.max(np.abs(e))) if e.size else 0.0
     np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6 * scale + 1e-30,
                                err_msg=jax.tree_util.keystr(path))
+
+
+@contextlib.contextmanager
+def absl_state_restored():
+  """Scripts loaded in-process register their absl flags and parse them,
+  which also sets absl's log level: undo both on exit, so another test module
+  can load a script defining the same flags and capture INFO logs."""
+  from absl import flags, logging as absl_logging  # pylint: disable=g-import-not-at-top
+  names = set(flags.FLAGS)
+  level = absl_logging.get_absl_logger().level
+  try:
+    yield
+  finally:
+    for name in set(flags.FLAGS) - names:
+      delattr(flags.FLAGS, name)
+    absl_logging.get_absl_logger().setLevel(level)

@@ -5,6 +5,7 @@ import functools
 import importlib.util
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -418,3 +419,12 @@ def test_m_check_bad_flags_one_line_and_nothing_written(tmp_path, capsys):
   assert 'recall_m_check.py: error: --m_steps=0: must be positive' in (
       capsys.readouterr().err)
   assert not (tmp_path / 'new.json').exists()
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _restore_absl_state():
+  with conftest.absl_state_restored():
+    yield
+    _module.cache_clear()
+    _check_module.cache_clear()
+    sys.modules.pop('fidelity_rnn', None)

@@ -412,3 +412,10 @@ def test_script_runs_and_reports_bad_flags(tmp_path, capsys, caplog):
       'train_multinet.py: error: --num_steps=10: must be a multiple of '
       'tick^2 = 16 (the loop advances one block of tick^2 steps at a time)')
   assert not os.path.exists(bad)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _restore_absl_state():
+  with conftest.absl_state_restored():
+    yield
+    _script_module.cache_clear()

@@ -442,3 +442,19 @@ def test_checkpoint_of_an_older_payload_layout_still_restores(tmp_path):
   assert ckpt.restore_latest(abstract) == (0, None)
   ckpt.close()
   assert os.path.isdir(tmp_path / training_lib.UNREADABLE_DIR / '7')
+
+
+def test_orbax_write_tasks_logged_by_asyncio_are_dropped(caplog):
+  """A failed save may leave asyncio logging each failed orbax write task
+  with its traceback: those records are dropped, others are kept."""
+  training.quiet_orbax_logging()
+  asyncio_logger = std_logging.getLogger('asyncio')
+  with caplog.at_level('ERROR', logger='asyncio'):
+    asyncio_logger.error(
+        'Task exception was never retrieved\nfuture: <Task finished '
+        "coro=<async_serialize_from_host() defined at .../orbax/checkpoint/"
+        "serialization.py:126> exception=ValueError('OUT_OF_RANGE')>")
+    asyncio_logger.error('Task exception was never retrieved\nfuture: '
+                         '<Task finished coro=<user_code()>>')
+  messages = [r.getMessage() for r in caplog.records]
+  assert len(messages) == 1 and 'user_code' in messages[0]
