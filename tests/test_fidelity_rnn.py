@@ -34,6 +34,28 @@ def _main(*args):
   module.main(['fidelity_rnn.py'])
 
 
+def _split_core_loss(params, eps, state, delay, unroll, first, rest):
+  """The episode's mean sigmoid cross-entropy, written out step by step,
+  with the LSTM parameters `first` in the first unroll and `rest` after it
+  (so a gradient w.r.t. `first` is the first unroll's share). Returns
+  (loss, the state at the boundary, the output just before it)."""
+  batch = eps.inputs.shape[0]
+  total, boundary, y_b = 0.0, None, None
+  for t in range(delay + 1):
+    if t == unroll:
+      boundary = state
+    core = first if t < unroll else rest
+    state, y = recurrent.lstm_step(core, state, eps.inputs[:, t])
+    if t == unroll - 1:
+      y_b = y
+    logits = y @ params['readout']['w'] + params['readout']['b'][None]
+    target = eps.targets[:, t]
+    bce = (jnp.maximum(logits, 0) - logits * target
+           + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+    total = total + jnp.sum(bce, axis=-1) @ eps.mask[:, t]
+  return total / batch, boundary, y_b
+
+
 def _config(method, core='lstm', unroll=2, bits=2, hidden=5):
   return recurrent.RecurrentConfig(
       core=core, input_size=bits + 2, output_size=bits, hidden_size=hidden,
@@ -155,21 +177,8 @@ def test_parameter_gradient_cosine_against_split_parameters():
                                                     seed=7)))
 
   def run(first, rest):
-    state, total = recurrent.zero_state(config, batch), 0.0
-    boundary = None
-    for t in range(delay + 1):
-      if t == unroll:
-        boundary = state
-      core = first if t < unroll else rest
-      state, y = recurrent.lstm_step(core, state, eps.inputs[:, t])
-      if t == unroll - 1:
-        y_b = y
-      logits = y @ params['readout']['w'] + params['readout']['b'][None]
-      target = eps.targets[:, t]
-      bce = (jnp.maximum(logits, 0) - logits * target
-             + jnp.log1p(jnp.exp(-jnp.abs(logits))))
-      total = total + jnp.sum(bce, axis=-1) @ eps.mask[:, t]
-    return total / batch, boundary, y_b
+    return _split_core_loss(params, eps, recurrent.zero_state(config, batch),
+                            delay, unroll, first, rest)
 
   core = params['core']
   true = jax.grad(lambda f: run(f, core)[0])(core)
@@ -344,20 +353,7 @@ def test_m_check_param_grads_against_split_parameters():
 
   def run(first, rest):
     state = (jnp.zeros((batch, 5)), jnp.zeros((batch, 5)))
-    total = 0.0
-    for t in range(delay + 1):
-      if t == unroll:
-        boundary = state
-      core = first if t < unroll else rest
-      state, y = recurrent.lstm_step(core, state, eps.inputs[:, t])
-      if t == unroll - 1:
-        y_b = y
-      logits = y @ params['readout']['w'] + params['readout']['b'][None]
-      target = eps.targets[:, t]
-      bce = (jnp.maximum(logits, 0) - logits * target
-             + jnp.log1p(jnp.exp(-jnp.abs(logits))))
-      total = total + jnp.sum(bce, axis=-1) @ eps.mask[:, t]
-    return total / batch, boundary, y_b
+    return _split_core_loss(params, eps, state, delay, unroll, first, rest)
 
   core = params['core']
   _, _, y_b = run(core, core)
