@@ -247,6 +247,42 @@ def run_seed(seed: int) -> dict:
   return result
 
 
+def plot(results: list[dict], path: str) -> None:
+  """Left: the held-out core-parameter gradient cosine (M against the true
+  gradient) while M trains alone, per way of training it and seed. Right:
+  the lag cosines recorded during DNI training (M now against the true
+  gradient `lag` unrolls earlier; dashed: the true gradient against itself)."""
+  import matplotlib   # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  styles = {'library_continue': '-', 'library_fresh': '--', 'oracle': ':'}
+  for k, r in enumerate(results):
+    color = f'C{k}'
+    for name, style in styles.items():
+      axes[0].plot([row['step'] for row in r[name]],
+                   [row['cos_param_grad_sg_true'] for row in r[name]], style,
+                   color=color, label=f'{name} seed {r["seed"]}')
+    lags = sorted(r['lag'], key=int)
+    axes[1].plot([int(l) for l in lags],
+                 [r['lag'][l]['cos_sg_now_true_then'] for l in lags], 'o-',
+                 color=color, label=f'M now vs true then, seed {r["seed"]}')
+    axes[1].plot([int(l) for l in lags],
+                 [r['lag'][l]['cos_true_now_true_then'] for l in lags], 'x--',
+                 color=color, label=f'true now vs true then, seed {r["seed"]}')
+  axes[0].set_xlabel('M-only unrolls (core and readout frozen)')
+  axes[0].set_ylabel('held-out cos, core-param grad: M vs true')
+  axes[1].set_xlabel('lag (unrolls), during DNI training')
+  axes[1].set_ylabel('mean cosine')
+  for ax in axes:
+    ax.axhline(0, color='grey', lw=0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv):
   cli.no_positional_arguments(argv)
   with cli.one_line_errors('recall_m_check.py'):
@@ -282,6 +318,8 @@ def main(argv):
           'hidden_size', 'eval_batch', 'distractors')}, 'wall_seconds': round(
               time.time() - start, 1), 'results': results}, f, indent=1)
     os.replace(FLAGS.out + '.tmp', FLAGS.out)
+    if FLAGS.plot:   # fidelity_rnn's flag: here, the plot of `plot` below.
+      plot(results, FLAGS.plot)
 
 
 if __name__ == '__main__':
