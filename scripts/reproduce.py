@@ -360,7 +360,7 @@ def run_fidelity() -> None:
   code = subprocess.run(cmd, check=False).returncode
   if code:
     raise ValueError(f'--experiment={name}: {driver.script} exited with code '
-                     f'{code} (its error is above); rerun to resume')
+                     f'{code} (its error is above)')
   with open(record, 'w') as f:
     f.write(flags_line)
   print(f'{name}: done; outputs in {folder}')
