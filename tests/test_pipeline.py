@@ -163,6 +163,10 @@ def test_stage_placement_round_trip_keeps_dtypes_and_values():
     assert not np.any(np.asarray(leaf[0])) and not np.any(np.asarray(leaf[2]))
   chex.assert_trees_all_equal(pl.stage_slice(placed, 1), state.layers[1])
   layout = pl.pipeline_layout(config, ff_lib.build_modules(config), B)
+  # Distinct models (they start at zero), so that a swap would show.
+  state = state._replace(synthetic=tuple(
+      jax.tree.map(lambda x, i=i: x + i + 1, sg)
+      for i, sg in enumerate(state.synthetic)))
   blocks, synthetic = pl.stack_stages(layout, state)
   chex.assert_trees_all_equal(
       pl.unstack_stages(layout, blocks, synthetic, state.step), state)
