@@ -139,7 +139,9 @@ def check_batch_size(mesh: Mesh, batch_size: int) -> None:
                      '(--num_devices times the number of processes)')
 
 
-def _global_array(host_array, sharding: NamedSharding) -> jax.Array:
+def global_array(host_array, sharding: NamedSharding) -> jax.Array:
+  """A host value as a global array with `sharding`; works with several
+  processes, each holding the same value."""
   host_array = np.asarray(host_array)
   # Each process copies only the slices its own devices hold.
   return jax.make_array_from_callback(host_array.shape, sharding,
@@ -155,7 +157,7 @@ def shard_batch(mesh: Mesh, *host_arrays):
   sharding = batch_sharded(mesh)
   for a in host_arrays:
     check_batch_size(mesh, np.shape(a)[0])
-  out = tuple(_global_array(a, sharding) for a in host_arrays)
+  out = tuple(global_array(a, sharding) for a in host_arrays)
   return out if len(out) != 1 else out[0]
 
 
@@ -173,7 +175,7 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
   every process must pass the same values)."""
   sharding = replicated(mesh)
   return jax.tree.map(
-      lambda x: _global_array(jax.device_get(x), sharding), tree)
+      lambda x: global_array(jax.device_get(x), sharding), tree)
 
 
 # ---------------------------------------------------------------------------
