@@ -1,51 +1,13 @@
 """Multi-network system (Sec. 3.3, Fig. 8, A.4): two RNNs ticking at different
 rates, bridged by a DNI on the message from Network A to Network B.
 
-Network A reads one 28x28 digit per time step: a two-layer FCN (linear ->
-BatchNorm -> ReLU, twice) feeds an LSTM with recurrent batch normalisation
-(Cooijmans et al. 2016, the paper's ref. [5]). Every T steps (at the last step
-of each window of T) a linear classifier on A's LSTM output says how many odd
-digits were in the window (T + 1 classes), and a linear layer with BatchNorm
-turns the same output into the message m for Network B.
-
-Network B ticks once every T steps: it reads A's message into its own BN-LSTM
-and says how many 3s were among the last T^2 digits (T^2 + 1 classes; at the
-start of a stream the window holds only the digits seen so far).
-
-The synthetic-gradient model M (owned by the receiver, B) reads the message:
-one hidden layer (ReLU), then a linear layer, zero-initialised (A.1), giving a
-gradient as large as the message. A consumes sg_scale * M(m) (A.4: 10).
-
-Training modes, all built from the same forward functions:
-  * `backprop`:  the joint system is one graph unrolled T^2 steps (T ticks of
-                 B); one update of both every T^2 steps (`joint_step`).
-  * `dni`:       A updates every T steps (`a_step`), the gradient of its one
-                 message being sg_scale * M(m); B updates every T ticks = T^2
-                 steps (`b_step`, BPTT over its T ticks) and returns, from one
-                 `jax.vjp`, the true gradient of its loss w.r.t. each of the T
-                 messages it read: the regression target of M at the message A
-                 sent (L2, weight 1).
-  * `decoupled`: as `dni` but A's message gets a zero gradient (no M).
-
-Gradient convention (as `interface.pull_back`): every gradient crossing the
-A -> B interface is per example, g_b = B * dL/dm_b, L the batch-mean of the
-loss summed over the outputs in the update; it enters A's vjp as g / B.
-
-Choices where the paper is silent (also in docs/MULTINET.md):
-  * A "step" is one time step of A (one digit per stream); one data *block*
-    is T^2 steps, the period after which all three modes have made the same
-    progress; streams never reset (LSTM states carried across updates,
-    truncated at the update boundary).
-  * Recurrent BN: BN(W_x x) and BN(W_h h) (gamma only, init 0.1, no beta: the
-    LSTM bias plays that role) and BN(c) (gamma 0.1, beta 0) for h = o *
-    tanh(BN(c)). In training each time step is normalised with the batch
-    statistics of that step (per-time-step batch statistics); the running
-    averages used at test time are *shared across time steps* (Cooijmans keep
-    one set per time step up to T_max; a never-ending stream has no T_max).
-    They decay per time step: r <- mu^n r + (1 - mu^n) mean_t(stat_t) after an
-    update covering n time positions, so every mode averages over the same
-    horizon whatever its update rate. The FCN's and the message's BN are
-    ordinary BN (gamma 1, beta 0), also per step over the batch.
+Network A (FCN + recurrent-BN LSTM) reads one digit per step and every T steps
+counts odd digits and sends a message to Network B, which ticks once every T
+steps and counts 3s among the last T^2 digits. Modes: `backprop` (one joint
+graph per T^2 steps), `dni` (A consumes sg_scale * M(m); B trains M to the
+true message gradients it returns) and `decoupled` (A's message gets zero
+gradient). The design in full (modes, gradient convention, choices where the
+paper is silent): docs/ARCHITECTURE_NOTES_core.md and docs/MULTINET.md.
 """
 
 import functools

@@ -1,37 +1,13 @@
 """Recurrent DNI (Sec. 2.2, 3.2, A.3; Fig. 3, 4): truncated BPTT with
 synthetic gradients at the unroll boundary, and DNI + Aux.
 
-An infinitely unrolled core f is cut into unrolls of T steps (Eq. 3). One
-training step takes the carried core state s_0, runs the T steps in `lax.scan`
-and gets, from one `jax.vjp`, both the parameter gradient of the unroll's task
-loss and the gradient w.r.t. s_0:
-
-  * `bptt`:    the gradient from the future at the boundary is delta_T = 0;
-  * `dni`:     delta_T = sg_scale * M(y_T), the synthetic-gradient model M (one
-               hidden layer as wide as the core, output one gradient per state
-               tensor: h and, for the LSTM, c) reading the core's output at the
-               boundary (Fig. 3a). The gradient w.r.t. s_0 is the target for the
-               synthetic gradient emitted at the previous boundary (Fig. 4; it is
-               "slightly stale"); M is trained on the L2 loss to it, weight 1;
-  * `dni_aux`: as `dni`, plus a head A that at every step t predicts the
-               synthetic gradient M(y_{t+T}) T steps later, L2 loss, weight 1
-               (Fig. 3b).
-
-Gradient convention (as `interface.pull_back`): every gradient crossing the
-unroll boundary -- the synthetic gradient delta_T, the true future gradient of
-the oracle test, the target for M -- is per example,
-delta_b = B * dL/ds_b, where L is the batch-mean (over B) of the unroll's loss
-summed over its T steps. The target for the previous boundary is therefore
-B * dL/ds_0, and delta_T enters the vjp as the cotangent delta_T / B.
-
-Fig. 4's extra core in memory: the previous unroll's prediction M(y_T) must be
-trained once its target exists, one step later, so the carry keeps the last K
-inputs and the state before them (K = 1 for `dni`, the T+1-th core of Fig. 4;
-K = T for `dni_aux`, whose aux predictions at every step of the previous unroll
-are trained on M(y_{t+T}) = M at every step of this unroll). These steps are
-recomputed with the current parameters, so the synthetic-gradient loss can be
-backpropagated into the core (`sg_into_core`, A.3's hyper-parameter) and the
-aux loss always is (its purpose is to shape the core).
+One training step runs the carried core state s_0 over T steps (`lax.scan`)
+and gets, from one `jax.vjp` pulled back with `interface.pull_back`, the
+parameter gradient of the unroll's loss and the per-example gradient w.r.t.
+s_0. The gradient from the future at the boundary is 0 (`bptt`) or
+sg_scale * M(y_T) (`dni`, `dni_aux`); M is trained one step later, on the
+replayed previous unroll, to the gradient w.r.t. s_0 (Fig. 4). The design in
+full (methods, gradient convention, replay): docs/ARCHITECTURE_NOTES_core.md.
 """
 
 import functools
@@ -267,8 +243,8 @@ def unroll_loss(config: RecurrentConfig, params: Params, state0: CoreState,
   """((L, s_T), (y, states)): L = (1/B) sum_b sum_t mask * loss, in nats."""
   state_T, y, states = unroll(config, params['core'], state0, chunk.inputs,
                               chunk.resets)
-  losses = step_losses(config, params['readout'], y, chunk.targets)
-  loss = jnp.sum(losses * chunk.mask) / chunk.mask.shape[0]
+  per_step = step_losses(config, params['readout'], y, chunk.targets)
+  loss = jnp.sum(per_step * chunk.mask) / chunk.mask.shape[0]
   return (loss, state_T), (y, states)
 
 
@@ -425,8 +401,8 @@ def evaluate_chunk(config: RecurrentConfig, params: Params, state0: CoreState,
   """Forward only: (s_T, {'loss_sum' in nats, 'count' of scored steps})."""
   state_T, y, _ = unroll(config, params['core'], state0, chunk.inputs,
                          chunk.resets)
-  losses = step_losses(config, params['readout'], y, chunk.targets)
-  return state_T, {'loss_sum': jnp.sum(losses * chunk.mask),
+  per_step = step_losses(config, params['readout'], y, chunk.targets)
+  return state_T, {'loss_sum': jnp.sum(per_step * chunk.mask),
                    'count': jnp.sum(chunk.mask)}
 
 
