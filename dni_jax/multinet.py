@@ -288,7 +288,8 @@ def a_forward(config: MultinetConfig, params: Params, running: Params,
   h_BxKxH = h_BxLxH.reshape(batch, ticks, config.tick, -1)[:, :, -1]
   messages, m_msg = _bn_linear(config, params['message'], running['message'],
                                h_BxKxH, training)
-  return AOutputs(functional.linear(params['readout'], h_BxKxH), messages, carry,
+  return AOutputs(functional.linear(params['readout'], h_BxKxH), messages,
+                  carry,
                   {'fcn1': m1, 'fcn2': m2, 'core': m_core, 'message': m_msg})
 
 
@@ -298,7 +299,8 @@ def b_forward(config: MultinetConfig, params: Params, running: Params,
   """B over K ticks: (logits f32[B, K, T^2 + 1], carry, batch moments)."""
   carry, h_BxKxH, moments = bn_lstm_unroll(
       config, params['core'], running['core'], carry, messages_BxKxM, training)
-  return functional.linear(params['readout'], h_BxKxH), carry, {'core': moments}
+  logits = functional.linear(params['readout'], h_BxKxH)
+  return logits, carry, {'core': moments}
 
 
 def classification_loss(logits: Array, targets: Array) -> tuple[Array, Array]:
