@@ -15,25 +15,31 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from dni_jax import losses
+
 Array = jax.Array
 VjpFn = Callable[[Array], tuple[Any, Array]]
 
 
-def pull_back(vjp_fn: VjpFn, grad_h: Array) -> tuple[Any, Array]:
+def pull_back(vjp_fn: VjpFn, grad_h: Any, batch_size: int | None = None
+              ) -> tuple[Any, Any]:
   """Eq. (1)/(2): pulls a per-example gradient of h back through a module.
 
   Args:
     vjp_fn: from `jax.vjp(f, params, x)` with `h = f(params, x)`.
-    grad_h: per-example gradient w.r.t. h (true, bootstrapped or synthetic).
+    grad_h: per-example gradient w.r.t. h (true, bootstrapped or synthetic);
+      an array [B, ...] or a pytree of them (e.g. an LSTM's (h, c)).
+    batch_size: B; default: the leading axis of grad_h's first leaf.
 
   Returns:
     (gradient of the batch-mean loss w.r.t. params, per-example gradient w.r.t. x).
     The second is the *target* for the synthetic-gradient model that predicts
     the gradient of x (Fig. 2: delta_i = f'_{i+1}(h_i) delta_hat_{i+1}).
   """
-  batch_size = grad_h.shape[0]
-  param_grads, grad_x = vjp_fn(grad_h / batch_size)
-  return param_grads, grad_x * batch_size
+  if batch_size is None:
+    batch_size = jax.tree.leaves(grad_h)[0].shape[0]
+  param_grads, grad_x = vjp_fn(jax.tree.map(lambda g: g / batch_size, grad_h))
+  return param_grads, jax.tree.map(lambda g: g * batch_size, grad_x)
 
 
 def synthetic_gradient_loss(prediction: Array, target: Array) -> Array:
@@ -47,12 +53,8 @@ def synthetic_gradient_loss(prediction: Array, target: Array) -> Array:
   return jnp.mean(jnp.sum(sq, axis=-1))
 
 
-def softmax_cross_entropy_grad(logits: Array, labels: Array) -> tuple[Array, Array]:
-  """Mean softmax cross-entropy and its per-example gradient w.r.t. the logits."""
-  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-  log_probs = jax.nn.log_softmax(logits)
-  loss = -jnp.mean(jnp.sum(one_hot * log_probs, axis=-1))
-  return loss, jnp.exp(log_probs) - one_hot
+# Mean softmax cross-entropy and its per-example gradient w.r.t. the logits.
+softmax_cross_entropy_grad = losses.softmax_cross_entropy_grad
 
 
 

@@ -1,51 +1,13 @@
 """Multi-network system (Sec. 3.3, Fig. 8, A.4): two RNNs ticking at different
 rates, bridged by a DNI on the message from Network A to Network B.
 
-Network A reads one 28x28 digit per time step: a two-layer FCN (linear ->
-BatchNorm -> ReLU, twice) feeds an LSTM with recurrent batch normalisation
-(Cooijmans et al. 2016, the paper's ref. [5]). Every T steps (at the last step
-of each window of T) a linear classifier on A's LSTM output says how many odd
-digits were in the window (T + 1 classes), and a linear layer with BatchNorm
-turns the same output into the message m for Network B.
-
-Network B ticks once every T steps: it reads A's message into its own BN-LSTM
-and says how many 3s were among the last T^2 digits (T^2 + 1 classes; at the
-start of a stream the window holds only the digits seen so far).
-
-The synthetic-gradient model M (owned by the receiver, B) reads the message:
-one hidden layer (ReLU), then a linear layer, zero-initialised (A.1), giving a
-gradient as large as the message. A consumes sg_scale * M(m) (A.4: 10).
-
-Training modes, all built from the same forward functions:
-  * `backprop`:  the joint system is one graph unrolled T^2 steps (T ticks of
-                 B); one update of both every T^2 steps (`joint_step`).
-  * `dni`:       A updates every T steps (`a_step`), the gradient of its one
-                 message being sg_scale * M(m); B updates every T ticks = T^2
-                 steps (`b_step`, BPTT over its T ticks) and returns, from one
-                 `jax.vjp`, the true gradient of its loss w.r.t. each of the T
-                 messages it read: the regression target of M at the message A
-                 sent (L2, weight 1).
-  * `decoupled`: as `dni` but A's message gets a zero gradient (no M).
-
-Gradient convention (as `interface.pull_back`): every gradient crossing the
-A -> B interface is per example, g_b = B * dL/dm_b, L the batch-mean of the
-loss summed over the outputs in the update; it enters A's vjp as g / B.
-
-Choices where the paper is silent (also in docs/MULTINET.md):
-  * A "step" is one time step of A (one digit per stream); one data *block*
-    is T^2 steps, the period after which all three modes have made the same
-    progress; streams never reset (LSTM states carried across updates,
-    truncated at the update boundary).
-  * Recurrent BN: BN(W_x x) and BN(W_h h) (gamma only, init 0.1, no beta: the
-    LSTM bias plays that role) and BN(c) (gamma 0.1, beta 0) for h = o *
-    tanh(BN(c)). In training each time step is normalised with the batch
-    statistics of that step (per-time-step batch statistics); the running
-    averages used at test time are *shared across time steps* (Cooijmans keep
-    one set per time step up to T_max; a never-ending stream has no T_max).
-    They decay per time step: r <- mu^n r + (1 - mu^n) mean_t(stat_t) after an
-    update covering n time positions, so every mode averages over the same
-    horizon whatever its update rate. The FCN's and the message's BN are
-    ordinary BN (gamma 1, beta 0), also per step over the batch.
+Network A (FCN + recurrent-BN LSTM) reads one digit per step and every T steps
+counts odd digits and sends a message to Network B, which ticks once every T
+steps and counts 3s among the last T^2 digits. Modes: `backprop` (one joint
+graph per T^2 steps), `dni` (A consumes sg_scale * M(m); B trains M to the
+true message gradients it returns) and `decoupled` (A's message gets zero
+gradient). The design in full (modes, gradient convention, choices where the
+paper is silent): docs/ARCHITECTURE_NOTES_core.md and docs/MULTINET.md.
 """
 
 import functools
@@ -57,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dni_jax import functional
 from dni_jax import interface
+from dni_jax import losses
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -150,16 +114,6 @@ def stream_targets(labels_BxL: np.ndarray, tick: int,
 # Layers: BatchNorm, the recurrent-BN LSTM, the FCN, M.
 # ---------------------------------------------------------------------------
 
-def _uniform(key, shape, fan_in):
-  bound = 1.0 / math.sqrt(fan_in)
-  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
-def _feature(v_D: Array, like: Array) -> Array:
-  """v[D] shaped to broadcast over like[..., D] (no implicit rank promotion)."""
-  return v_D.reshape((1,) * (like.ndim - 1) + v_D.shape)
-
-
 def _bn_stats(size: int) -> Params:
   return {'mean': jnp.zeros((size,), jnp.float32),
           'var': jnp.ones((size,), jnp.float32)}
@@ -178,11 +132,11 @@ def batch_norm(config: MultinetConfig, x: Array, gamma: Array,
     y = (x - mean[None]) * jax.lax.rsqrt(var[None] + config.bn_epsilon)
   else:
     mean, var = running['mean'], running['var']
-    y = (x - _feature(mean, x)) * jax.lax.rsqrt(_feature(var, x)
-                                                + config.bn_epsilon)
-  y = y * _feature(gamma, y)
+    y = (x - functional.feature(mean, x)) * jax.lax.rsqrt(
+        functional.feature(var, x) + config.bn_epsilon)
+  y = y * functional.feature(gamma, y)
   if beta is not None:
-    y = y + _feature(beta, y)
+    y = y + functional.feature(beta, y)
   return y, (mean, var)
 
 
@@ -203,8 +157,8 @@ def init_bn_lstm(config: MultinetConfig, key: Array, input_size: int
   h = config.hidden_size
   kx, kh = jax.random.split(key)
   params = {
-      'w_x': _uniform(kx, (input_size, 4 * h), input_size + h),
-      'w_h': _uniform(kh, (h, 4 * h), input_size + h),
+      'w_x': functional.uniform(kx, (input_size, 4 * h), input_size + h),
+      'w_h': functional.uniform(kh, (h, 4 * h), input_size + h),
       'b': jnp.zeros((4 * h,), jnp.float32).at[h:2 * h].set(1.0),
       'gamma_x': jnp.full((4 * h,), config.recurrent_gamma, jnp.float32),
       'gamma_h': jnp.full((4 * h,), config.recurrent_gamma, jnp.float32),
@@ -236,7 +190,7 @@ def bn_lstm_unroll(config: MultinetConfig, params: Params, running: Params,
     h, c = state
     zh, moments_h = batch_norm(config, h @ params['w_h'], params['gamma_h'],
                                None, running['h'], training)
-    z = zx_Bx4H + zh + _feature(params['b'], zh)
+    z = functional.add_bias(zx_Bx4H + zh, params['b'])
     zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
     c_new = jax.nn.sigmoid(zf) * c + jax.nn.sigmoid(zi) * jnp.tanh(zg)
     c_norm, moments_c = batch_norm(config, c_new, params['gamma_c'],
@@ -250,19 +204,9 @@ def bn_lstm_unroll(config: MultinetConfig, params: Params, running: Params,
       'x': moments_x, 'h': moments_h, 'c': moments_c}
 
 
-def _init_linear(key: Array, fan_in: int, fan_out: int) -> Params:
-  return {'w': _uniform(key, (fan_in, fan_out), fan_in),
-          'b': jnp.zeros((fan_out,), jnp.float32)}
-
-
-def _linear(params: Params, x: Array) -> Array:
-  y = x @ params['w']
-  return y + _feature(params['b'], y)
-
-
 def _init_bn_linear(key: Array, fan_in: int, fan_out: int) -> Params:
   """Linear -> BN (gamma 1, beta 0; the linear has no bias, BN's beta is it)."""
-  return {'w': _uniform(key, (fan_in, fan_out), fan_in),
+  return {'w': functional.uniform(key, (fan_in, fan_out), fan_in),
           'gamma': jnp.ones((fan_out,), jnp.float32),
           'beta': jnp.zeros((fan_out,), jnp.float32)}
 
@@ -275,19 +219,12 @@ def _bn_linear(config, params, running, x, training):
 def init_sg_model(config: MultinetConfig, key: Array) -> Params:
   """M: message -> hidden (ReLU) -> synthetic gradient; the last layer is
   zero-initialised (A.1), so a new M emits exactly zero."""
-  return {'w1': _uniform(key, (config.message_size, config.sg_hidden_size),
-                         config.message_size),
-          'b1': jnp.zeros((config.sg_hidden_size,), jnp.float32),
-          'w2': jnp.zeros((config.sg_hidden_size, config.message_size),
-                          jnp.float32),
-          'b2': jnp.zeros((config.message_size,), jnp.float32)}
+  return functional.init_mlp(key, config.message_size, config.sg_hidden_size,
+                             config.message_size)
 
 
-def sg_model_apply(params: Params, message: Array) -> Array:
-  """M(m) on [..., message_size]."""
-  hidden = jax.nn.relu(_linear({'w': params['w1'], 'b': params['b1']},
-                               message))
-  return _linear({'w': params['w2'], 'b': params['b2']}, hidden)
+# M(m) on [..., message_size].
+sg_model_apply = functional.mlp_apply
 
 
 # ---------------------------------------------------------------------------
@@ -307,7 +244,8 @@ def init_a(config: MultinetConfig, key: Array) -> tuple[Params, Params]:
       'fcn1': _init_bn_linear(k1, config.image_size, config.fcn_size),
       'fcn2': _init_bn_linear(k2, config.fcn_size, config.fcn_size),
       'core': core,
-      'readout': _init_linear(kr, config.hidden_size, config.a_classes),
+      'readout': functional.init_linear(kr, config.hidden_size,
+                                        config.a_classes),
       'message': _init_bn_linear(km, config.hidden_size, config.message_size),
   }
   stats = {'fcn1': _bn_stats(config.fcn_size),
@@ -320,7 +258,8 @@ def init_b(config: MultinetConfig, key: Array) -> tuple[Params, Params]:
   kc, kr, ks = jax.random.split(key, 3)
   core, core_stats = init_bn_lstm(config, kc, config.message_size)
   params = {'core': core,
-            'readout': _init_linear(kr, config.hidden_size, config.b_classes)}
+            'readout': functional.init_linear(kr, config.hidden_size,
+                                              config.b_classes)}
   if config.mode == 'dni':
     params['sg'] = init_sg_model(config, ks)
   return params, {'core': core_stats}
@@ -349,7 +288,8 @@ def a_forward(config: MultinetConfig, params: Params, running: Params,
   h_BxKxH = h_BxLxH.reshape(batch, ticks, config.tick, -1)[:, :, -1]
   messages, m_msg = _bn_linear(config, params['message'], running['message'],
                                h_BxKxH, training)
-  return AOutputs(_linear(params['readout'], h_BxKxH), messages, carry,
+  return AOutputs(functional.linear(params['readout'], h_BxKxH), messages,
+                  carry,
                   {'fcn1': m1, 'fcn2': m2, 'core': m_core, 'message': m_msg})
 
 
@@ -359,14 +299,14 @@ def b_forward(config: MultinetConfig, params: Params, running: Params,
   """B over K ticks: (logits f32[B, K, T^2 + 1], carry, batch moments)."""
   carry, h_BxKxH, moments = bn_lstm_unroll(
       config, params['core'], running['core'], carry, messages_BxKxM, training)
-  return _linear(params['readout'], h_BxKxH), carry, {'core': moments}
+  logits = functional.linear(params['readout'], h_BxKxH)
+  return logits, carry, {'core': moments}
 
 
 def classification_loss(logits: Array, targets: Array) -> tuple[Array, Array]:
   """(Batch mean of the cross-entropy summed over the K outputs, number of
   wrong arg-max answers)."""
-  log_probs = jax.nn.log_softmax(logits)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  nll = losses.softmax_cross_entropy(logits, targets)
   wrong = jnp.sum(jnp.argmax(logits, axis=-1) != targets)
   return jnp.sum(nll) / logits.shape[0], wrong
 
@@ -418,8 +358,6 @@ def a_gradients(config: MultinetConfig, state: NetState, images_BxLxD: Array,
   or a function of the messages returning it (DNI: sg_scale * M(m), computed
   from the same forward pass).
   """
-  batch = images_BxLxD.shape[0]
-
   def fn(params):
     out = a_forward(config, params, state.bn_stats, state.carry, images_BxLxD,
                     True)
@@ -430,7 +368,9 @@ def a_gradients(config: MultinetConfig, state: NetState, images_BxLxD: Array,
       fn, state.params, has_aux=True)
   grad = message_grad(messages) if callable(message_grad) else message_grad
   grad = jax.lax.stop_gradient(grad)
-  (grads,) = vjp_fn((jnp.ones_like(loss), grad / batch))
+  # L_A is already the batch mean: its cotangent is 1; the messages' g / B.
+  grads, _ = interface.pull_back(
+      lambda g: (vjp_fn((jnp.ones_like(loss), g))[0], ()), grad)
   return AGradients(grads, loss, wrong, jax.lax.stop_gradient(messages), grad,
                     carry, moments)
 
@@ -465,7 +405,6 @@ def b_gradients(config: MultinetConfig, state: NetState, messages_BxKxM: Array,
                 targets_BxK: Array):
   """((grads of core/readout, per-example gradient w.r.t. the messages
   B * dL_B/dm), loss, wrong, carry, moments) from one `jax.vjp`."""
-  batch = messages_BxKxM.shape[0]
   trainable = {'core': state.params['core'],
                'readout': state.params['readout']}
 
@@ -477,8 +416,12 @@ def b_gradients(config: MultinetConfig, state: NetState, messages_BxKxM: Array,
 
   loss, vjp_fn, (wrong, carry, moments) = jax.vjp(fn, trainable,
                                                   messages_BxKxM, has_aux=True)
-  grads, grad_messages = vjp_fn(jnp.ones_like(loss))
-  return grads, grad_messages * batch, loss, wrong, carry, moments
+  # L_B (batch mean, cotangent 1) is the only output: nothing comes from
+  # above, and the messages' gradient is converted to per example.
+  grads, grad_messages = interface.pull_back(
+      lambda _: vjp_fn(jnp.ones_like(loss)), (),
+      batch_size=messages_BxKxM.shape[0])
+  return grads, grad_messages, loss, wrong, carry, moments
 
 
 def b_step(config: MultinetConfig, state: NetState, messages_BxKxM: Array,

@@ -1,37 +1,13 @@
 """Recurrent DNI (Sec. 2.2, 3.2, A.3; Fig. 3, 4): truncated BPTT with
 synthetic gradients at the unroll boundary, and DNI + Aux.
 
-An infinitely unrolled core f is cut into unrolls of T steps (Eq. 3). One
-training step takes the carried core state s_0, runs the T steps in `lax.scan`
-and gets, from one `jax.vjp`, both the parameter gradient of the unroll's task
-loss and the gradient w.r.t. s_0:
-
-  * `bptt`:    the gradient from the future at the boundary is delta_T = 0;
-  * `dni`:     delta_T = sg_scale * M(y_T), the synthetic-gradient model M (one
-               hidden layer as wide as the core, output one gradient per state
-               tensor: h and, for the LSTM, c) reading the core's output at the
-               boundary (Fig. 3a). The gradient w.r.t. s_0 is the target for the
-               synthetic gradient emitted at the previous boundary (Fig. 4; it is
-               "slightly stale"); M is trained on the L2 loss to it, weight 1;
-  * `dni_aux`: as `dni`, plus a head A that at every step t predicts the
-               synthetic gradient M(y_{t+T}) T steps later, L2 loss, weight 1
-               (Fig. 3b).
-
-Gradient convention (as `interface.pull_back`): every gradient crossing the
-unroll boundary -- the synthetic gradient delta_T, the true future gradient of
-the oracle test, the target for M -- is per example,
-delta_b = B * dL/ds_b, where L is the batch-mean (over B) of the unroll's loss
-summed over its T steps. The target for the previous boundary is therefore
-B * dL/ds_0, and delta_T enters the vjp as the cotangent delta_T / B.
-
-Fig. 4's extra core in memory: the previous unroll's prediction M(y_T) must be
-trained once its target exists, one step later, so the carry keeps the last K
-inputs and the state before them (K = 1 for `dni`, the T+1-th core of Fig. 4;
-K = T for `dni_aux`, whose aux predictions at every step of the previous unroll
-are trained on M(y_{t+T}) = M at every step of this unroll). These steps are
-recomputed with the current parameters, so the synthetic-gradient loss can be
-backpropagated into the core (`sg_into_core`, A.3's hyper-parameter) and the
-aux loss always is (its purpose is to shape the core).
+One training step runs the carried core state s_0 over T steps (`lax.scan`)
+and gets, from one `jax.vjp` pulled back with `interface.pull_back`, the
+parameter gradient of the unroll's loss and the per-example gradient w.r.t.
+s_0. The gradient from the future at the boundary is 0 (`bptt`) or
+sg_scale * M(y_T) (`dni`, `dni_aux`); M is trained one step later, on the
+replayed previous unroll, to the gradient w.r.t. s_0 (Fig. 4). The design in
+full (methods, gradient convention, replay): docs/ARCHITECTURE_NOTES_core.md.
 """
 
 import functools
@@ -42,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dni_jax import functional
 from dni_jax import interface
+from dni_jax import losses
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -110,30 +88,26 @@ class RecurrentState(NamedTuple):
 # Cores: pure functions (params, state, x) -> (state, y).
 # ---------------------------------------------------------------------------
 
-def _uniform(key, shape, fan_in):
-  bound = 1.0 / math.sqrt(fan_in)
-  return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
-def _bias(x: Array, b: Array) -> Array:
-  """x[..., D] + b[D], broadcast explicitly (no implicit rank promotion)."""
-  return x + b.reshape((1,) * (x.ndim - 1) + b.shape)
-
-
 def init_core(key: Array, core: str, input_size: int, hidden_size: int) -> Params:
   """Weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LSTM forget bias 1."""
   gates = 4 if core == 'lstm' else 1
   kx, kh, kp = jax.random.split(key, 3)
   fan_in = input_size + hidden_size
   params = {
-      'w_x': _uniform(kx, (input_size, gates * hidden_size), fan_in),
-      'w_h': _uniform(kh, (hidden_size, gates * hidden_size), fan_in),
+      'w_x': functional.uniform(kx, (input_size, gates * hidden_size), fan_in),
+      'w_h': functional.uniform(kh, (hidden_size, gates * hidden_size), fan_in),
       'b': jnp.zeros((gates * hidden_size,), jnp.float32),
   }
   if core == 'lstm':
     params['b'] = params['b'].at[hidden_size:2 * hidden_size].set(1.0)
-    params['peephole'] = _uniform(kp, (3, hidden_size), hidden_size)
+    params['peephole'] = functional.uniform(kp, (3, hidden_size), hidden_size)
   return params
+
+
+def _preactivation(params: Params, h: Array, x_BxI: Array) -> Array:
+  """W_x x + W_h h + b."""
+  return functional.add_bias(x_BxI @ params['w_x'] + h @ params['w_h'],
+                             params['b'])
 
 
 def lstm_step(params: Params, state: CoreState, x_BxI: Array
@@ -148,7 +122,7 @@ def lstm_step(params: Params, state: CoreState, x_BxI: Array
     h' = o * tanh(c');   output y = h'.
   """
   h, c = state
-  z = _bias(x_BxI @ params['w_x'] + h @ params['w_h'], params['b'])
+  z = _preactivation(params, h, x_BxI)
   zi, zf, zc, zo = jnp.split(z, 4, axis=-1)
   w_ci, w_cf, w_co = params['peephole'][:, None, :]   # Each [1, H].
   i = jax.nn.sigmoid(zi + w_ci * c)
@@ -163,8 +137,7 @@ def rnn_step(params: Params, state: CoreState, x_BxI: Array
              ) -> tuple[CoreState, Array]:
   """Vanilla RNN: h' = tanh(W_x x + W_h h + b); y = h'."""
   (h,) = state
-  h_new = jnp.tanh(_bias(x_BxI @ params['w_x'] + h @ params['w_h'],
-                         params['b']))
+  h_new = jnp.tanh(_preactivation(params, h, x_BxI))
   return (h_new,), h_new
 
 
@@ -172,8 +145,7 @@ def leaky_rnn_step(params: Params, state: CoreState, x_BxI: Array, leak: float
                    ) -> tuple[CoreState, Array]:
   """Leaky RNN (Sec. 3.2's ref. [17]): h' = (1 - a) h + a tanh(W_x x + W_h h + b)."""
   (h,) = state
-  pre = jnp.tanh(_bias(x_BxI @ params['w_x'] + h @ params['w_h'],
-                       params['b']))
+  pre = jnp.tanh(_preactivation(params, h, x_BxI))
   h_new = (1.0 - leak) * h + leak * pre
   return (h_new,), h_new
 
@@ -225,19 +197,9 @@ def unroll(config: RecurrentConfig, core_params: Params, state0: CoreState,
 # Heads: readout, synthetic-gradient model M, aux model A.
 # ---------------------------------------------------------------------------
 
-def _init_mlp(key: Array, hidden_size: int, out_size: int) -> Params:
-  """A.3: one hidden layer as wide as the core; final layer zero-initialised
-  (as A.1), so a new model emits exactly zero synthetic gradients."""
-  return {'w1': _uniform(key, (hidden_size, hidden_size), hidden_size),
-          'b1': jnp.zeros((hidden_size,), jnp.float32),
-          'w2': jnp.zeros((hidden_size, out_size), jnp.float32),
-          'b2': jnp.zeros((out_size,), jnp.float32)}
-
-
-def mlp_apply(params: Params, y: Array) -> Array:
-  """M(y) (or A(y)) on [..., H] -> [..., sg_size]: linear -> ReLU -> linear."""
-  hidden = jax.nn.relu(_bias(y @ params['w1'], params['b1']))
-  return _bias(hidden @ params['w2'], params['b2'])
+# M(y) (or A(y)) on [..., H] -> [..., sg_size]: linear -> ReLU -> linear, one
+# hidden layer as wide as the core (A.3), final layer zero (A.1).
+mlp_apply = functional.mlp_apply
 
 
 def split_state(config: RecurrentConfig, flat: Array) -> CoreState:
@@ -254,14 +216,14 @@ def init_params(config: RecurrentConfig, key: Array) -> Params:
   params = {
       'core': init_core(k_core, config.core, config.input_size,
                         config.hidden_size),
-      'readout': {'w': _uniform(k_out, (config.hidden_size, config.output_size),
-                                config.hidden_size),
-                  'b': jnp.zeros((config.output_size,), jnp.float32)},
+      'readout': functional.init_linear(k_out, config.hidden_size,
+                                        config.output_size),
   }
+  h = config.hidden_size
   if config.method in ('dni', 'dni_aux'):
-    params['sg'] = _init_mlp(k_sg, config.hidden_size, config.sg_size)
+    params['sg'] = functional.init_mlp(k_sg, h, h, config.sg_size)
   if config.method == 'dni_aux':
-    params['aux'] = _init_mlp(k_aux, config.hidden_size, config.sg_size)
+    params['aux'] = functional.init_mlp(k_aux, h, h, config.sg_size)
   return params
 
 
@@ -269,11 +231,10 @@ def step_losses(config: RecurrentConfig, readout: Params, y: Array,
                 targets: Array) -> Array:
   """Per-step loss in nats, [...]: summed over the output bits (bernoulli) or
   softmax cross-entropy (categorical)."""
-  logits = _bias(y @ readout['w'], readout['b'])
+  logits = functional.linear(readout, y)
   if config.loss == 'categorical':
-    log_probs = jax.nn.log_softmax(logits)
-    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, targets), axis=-1)
+    return losses.softmax_cross_entropy(logits, targets)
+  return losses.bernoulli_cross_entropy(logits, targets)
 
 
 def unroll_loss(config: RecurrentConfig, params: Params, state0: CoreState,
@@ -282,8 +243,8 @@ def unroll_loss(config: RecurrentConfig, params: Params, state0: CoreState,
   """((L, s_T), (y, states)): L = (1/B) sum_b sum_t mask * loss, in nats."""
   state_T, y, states = unroll(config, params['core'], state0, chunk.inputs,
                               chunk.resets)
-  losses = step_losses(config, params['readout'], y, chunk.targets)
-  loss = jnp.sum(losses * chunk.mask) / chunk.mask.shape[0]
+  per_step = step_losses(config, params['readout'], y, chunk.targets)
+  loss = jnp.sum(per_step * chunk.mask) / chunk.mask.shape[0]
   return (loss, state_T), (y, states)
 
 
@@ -309,18 +270,18 @@ def unroll_gradients(config: RecurrentConfig, params: Params,
   function of the unroll's outputs y [B, T, H] returning it (DNI: M(y_T),
   computed from the same forward pass).
   """
-  batch_size = chunk.mask.shape[0]
   trainable = {'core': params['core'], 'readout': params['readout']}
   fn = lambda p, s0: unroll_loss(config, p, s0, chunk)
   (loss, state_T), vjp_fn, (y, states) = jax.vjp(fn, trainable, state0,
                                                  has_aux=True)
   delta_T = boundary_grad(y) if callable(boundary_grad) else boundary_grad
   delta_T = jax.lax.stop_gradient(tuple(delta_T))
-  grads, grad_s0 = vjp_fn((jnp.ones_like(loss),
-                           tuple(d / batch_size for d in delta_T)))
+  # L is already the batch mean: its cotangent is 1; s_T's is delta_T / B.
+  grads, grad_s0 = interface.pull_back(
+      lambda d: vjp_fn((jnp.ones_like(loss), d)), delta_T,
+      batch_size=chunk.mask.shape[0])
   return UnrollGradients(
-      grads=grads,
-      initial_state_grad=tuple(g * batch_size for g in grad_s0),
+      grads=grads, initial_state_grad=grad_s0,
       loss=loss, final_state=state_T, outputs=y, states=states)
 
 
@@ -440,8 +401,8 @@ def evaluate_chunk(config: RecurrentConfig, params: Params, state0: CoreState,
   """Forward only: (s_T, {'loss_sum' in nats, 'count' of scored steps})."""
   state_T, y, _ = unroll(config, params['core'], state0, chunk.inputs,
                          chunk.resets)
-  losses = step_losses(config, params['readout'], y, chunk.targets)
-  return state_T, {'loss_sum': jnp.sum(losses * chunk.mask),
+  per_step = step_losses(config, params['readout'], y, chunk.targets)
+  return state_T, {'loss_sum': jnp.sum(per_step * chunk.mask),
                    'count': jnp.sum(chunk.mask)}
 
 

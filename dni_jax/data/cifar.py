@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from dni_jax.data.datasets import DataError
+from dni_jax.data.errors import DataError
 
 BATCHES_DIR = 'cifar-10-batches-bin'
 TRAIN_FILES = tuple(f'data_batch_{i}.bin' for i in range(1, 6))

@@ -9,9 +9,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-
-class DataError(ValueError):
-  """Data cannot be found or read; the one-line message names the file and how to get the data."""
+from dni_jax.data import cifar
+from dni_jax.data import idx
+from dni_jax.data import tfds_source
+from dni_jax.data.errors import DataError  # Re-exported: its old home.
 
 
 class Dataset(NamedTuple):
@@ -59,7 +60,6 @@ def _check_choice(kind: str, value: object, allowed: tuple[str, ...]) -> None:
 
 def _idx_paths(name: str, split: str, data_dir: str) -> tuple[str, str]:
   """Finds the images and labels files of `split`, gzipped or raw."""
-  from dni_jax.data import idx  # pylint: disable=g-import-not-at-top
   paths = []
   for stem in _IDX_STEMS[split]:
     path = idx.find_idx_file(data_dir, stem)
@@ -73,9 +73,6 @@ def _idx_paths(name: str, split: str, data_dir: str) -> tuple[str, str]:
 def _read_files(name: str, split: str, data_dir: str | None,
                 tfds_hint: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Reads uint8 images [N, H, W, C] and labels [N] from the official file formats."""
-  # Readers import DataError from this module, so they are imported here rather than at the top.
-  from dni_jax.data import cifar  # pylint: disable=g-import-not-at-top
-  from dni_jax.data import idx  # pylint: disable=g-import-not-at-top
   if data_dir is None:
     if name != 'fashion_mnist':
       raise DataError(
@@ -131,7 +128,6 @@ def load_dataset(name: str,
   if source == 'files':
     images_uint8, labels = _read_files(name, split, data_dir, tfds_hint)
   else:
-    from dni_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
     images_uint8, labels = tfds_source.read_tfds(_TFDS_NAMES[name], split, data_dir, limit)
   if limit is not None:
     images_uint8, labels = images_uint8[:limit], labels[:limit]

@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 
-from dni_jax.data.datasets import DataError
+from dni_jax.data.errors import DataError
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions.
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension.

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dni_jax.data.datasets import DataError
+from dni_jax.data.errors import DataError
 
 SPLITS = ('train', 'valid', 'test')
 EOL = '\n'

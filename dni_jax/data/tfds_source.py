@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dni_jax.data.datasets import DataError
+from dni_jax.data.errors import DataError
 
 _CHUNK = 1024  # Records fetched per batched read.
 # Where tfds downloads each dataset from (host, port): probed once before a
