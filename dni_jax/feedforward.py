@@ -345,6 +345,31 @@ def block_update(modules: Modules, layer_ids: tuple[int, ...],
       lambda h: synthetic_gradient(modules, sg_state, h, context))
 
 
+def block_and_source_update(modules: Modules, layer_ids: tuple[int, ...],
+                            layer_states: tuple[ModuleState, ...],
+                            sg_state: Any, x: Array, context: Array | None):
+  """`block_update` from a learned source (`sg_state` not None), which also
+  returns the source's pending update from the same forward pass of M:
+  (new_layer_states, outputs, grad_x, grad_h, source_update_fn), for
+  `finish_source_update` when the target arrives (M(h) computed once)."""
+  pending = []
+  def gradient_for(h):
+    delta, update_fn = modules.source.gradient_and_update(sg_state, h, context)
+    pending.append(update_fn)
+    return delta
+  new_states, outputs, grad_x, grad_h = chain_update(
+      tuple(modules.hidden[i] for i in layer_ids), modules.tx, layer_states, x,
+      gradient_for)
+  return new_states, outputs, grad_x, grad_h, pending[0]
+
+
+def finish_source_update(source_update_fn, target: Array):
+  """The pending update of `block_and_source_update` from its target:
+  (new_sg_state, sg_loss), as `synthetic_update` at the same h."""
+  sg_state, metrics = source_update_fn(target)
+  return sg_state, metrics['sg_loss']
+
+
 def top_block_update(modules: Modules, layer_ids: tuple[int, ...],
                      layer_states: tuple[ModuleState, ...],
                      head_state: ModuleState, x: Array, labels: Array):
@@ -421,13 +446,16 @@ class BlockFunctions(NamedTuple):
   context: Callable
   synthetic_input: Callable
   synthetic_input_update: Callable
+  block_and_source_update: Callable
+  finish_source_update: Callable
 
 
 def _bind_block_functions(modules: Modules) -> BlockFunctions:
   bind = lambda f: functools.partial(f, modules)
   return BlockFunctions(bind(block_update), bind(top_block_update),
                         bind(synthetic_update), bind(context_for),
-                        bind(synthetic_input), bind(synthetic_input_update))
+                        bind(synthetic_input), bind(synthetic_input_update),
+                        bind(block_and_source_update), finish_source_update)
 
 
 def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
@@ -449,13 +477,22 @@ def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
   context = fns.context(labels)
   new_layers = list(state.layers)
   activations, block_inputs, block_outputs, targets, grads_h = [], [], [], [], []
+  # Without synthetic inputs, interface j's source learns at the h it gave a
+  # gradient for: its update reuses that forward pass (M(h) once).
+  source_updates = []
   for j, block in enumerate(modules.blocks[:-1]):
     if unlocked and j > 0:
       x = fns.synthetic_input(state.inputs[j - 1], images)
     block_inputs.append(x)
     sg_state = _source_state(modules, state, j)
-    new, outputs, grad_x, grad_h = fns.block_update(
-        block, tuple(state.layers[i] for i in block), sg_state, x, context)
+    layer_states = tuple(state.layers[i] for i in block)
+    if sg_state is None or unlocked:
+      new, outputs, grad_x, grad_h = fns.block_update(
+          block, layer_states, sg_state, x, context)
+    else:
+      new, outputs, grad_x, grad_h, update_fn = fns.block_and_source_update(
+          block, layer_states, sg_state, x, context)
+      source_updates.append(update_fn)
     for i, layer_state in zip(block, new):
       new_layers[i] = layer_state
     activations += outputs
@@ -479,9 +516,12 @@ def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
   # its input (the real output of block j, or its synthetic input).
   new_synthetic, sg_losses = [], []
   if modules.use_synthetic:
-    for sg_state, h, target in zip(state.synthetic, block_inputs[1:],
-                                   targets):
-      sg_state, sg_loss = fns.synthetic_update(sg_state, h, context, target)
+    for j, (sg_state, h, target) in enumerate(zip(
+        state.synthetic, block_inputs[1:], targets)):
+      if source_updates:
+        sg_state, sg_loss = fns.finish_source_update(source_updates[j], target)
+      else:
+        sg_state, sg_loss = fns.synthetic_update(sg_state, h, context, target)
       new_synthetic.append(sg_state)
       sg_losses.append(sg_loss)
   new_inputs, si_losses = [], []
@@ -630,6 +670,9 @@ class FeedForward(NamedTuple):
     top_block_update(layer_ids, layer_states, head_state, x, labels)
         -> (layer_states, head_state, outputs, grad_x, loss, logits)
     synthetic_update(sg_state, h, context, target) -> (sg_state, sg_loss)
+    block_and_source_update(layer_ids, layer_states, sg_state, x, context)
+        -> (layer_states, outputs, grad_x, grad_h, source_update_fn)
+    finish_source_update(source_update_fn, target) -> (sg_state, sg_loss)
     synthetic_gradient(sg_state, h, context) -> delta_hat
     synthetic_input(si_state, images) -> h_hat          (complete unlock)
     synthetic_input_update(si_state, images, target) -> (si_state, si_loss)
@@ -662,6 +705,8 @@ class FeedForward(NamedTuple):
   backprop_update: Callable
   hidden_forward: Callable
   context: Callable
+  block_and_source_update: Callable
+  finish_source_update: Callable
 
 
 def make_feedforward(config: FeedForwardConfig, jit: bool = True,
@@ -696,6 +741,9 @@ def make_feedforward(config: FeedForwardConfig, jit: bool = True,
       backprop_update=wrap(bind(backprop_update), **static_layers),
       hidden_forward=wrap(bind(hidden_forward), static_argnums=(0, 3)),
       context=wrap(bind(context_for)),
+      block_and_source_update=wrap(bind(block_and_source_update),
+                                   **static_layers),
+      finish_source_update=wrap(finish_source_update),
   )
 
 
@@ -709,5 +757,6 @@ def per_layer_train_step(ff: FeedForward, state: FeedForwardState,
   """
   fns = BlockFunctions(ff.block_update, ff.top_block_update,
                        ff.synthetic_update, ff.context, ff.synthetic_input,
-                       ff.synthetic_input_update)
+                       ff.synthetic_input_update, ff.block_and_source_update,
+                       ff.finish_source_update)
   return schedule(fns, ff.modules, state, images, labels)

@@ -14,11 +14,15 @@ factory that closes over its settings,
   init(rng, h, context) -> state            (h, context: an example batch)
   gradient(state, h, context) -> delta       per-example gradient for h
   update(state, h, context, target) -> (state, metrics)
+  gradient_and_update(state, h, context) -> (delta, update_fn)
 
 `target` is the gradient the source should have given (bootstrapped from the
 interface above, or the true loss gradient); `metrics['sg_loss']` is the L2
-error (`interface.synthetic_gradient_loss`) of the gradient given at h. The
-sources: `zero` (No-Bprop), `synthetic_model` (DNI: M(h); cDNI: M(h, c)),
+error (`interface.synthetic_gradient_loss`) of the gradient given at h.
+`gradient_and_update` gives the gradient and `update_fn(target)`, the same
+update from the same forward pass (M(h) computed once per step); `update_fn`
+is a `jax.tree_util.Partial`, a pytree, so it may leave one jitted call and
+enter another. The sources: `zero` (No-Bprop), `synthetic_model` (DNI: M(h); cDNI: M(h, c)),
 `stale` (the moving-average memory of Sec. 3.1) and `oracle` (a given function
 of h, e.g. the true gradient). Nothing here calls `jit`; callers do.
 """
@@ -26,6 +30,7 @@ of h, e.g. the true gradient). Nothing here calls `jit`; callers do.
 from typing import Any, Callable, NamedTuple
 
 import jax
+from jax.tree_util import Partial
 import jax.numpy as jnp
 import optax
 
@@ -161,10 +166,19 @@ class GradientSource(NamedTuple):
   init: Callable[..., Any]       # (rng, h, context) -> state
   gradient: Callable[..., Array]  # (state, h, context) -> per-example delta
   update: Callable[..., tuple]   # (state, h, context, target) -> (state, metrics)
+  # (state, h, context) -> (delta, update_fn); update_fn(target) = update(...).
+  gradient_and_update: Callable[..., tuple]
 
 
 def _error_metrics(delta: Array, target: Array) -> dict[str, Array]:
   return {'sg_loss': interface.synthetic_gradient_loss(delta, target)}
+
+
+def _source(init, gradient, update) -> GradientSource:
+  """A source whose update recomputes what it needs (cheap ones)."""
+  def gradient_and_update(state, h, context):
+    return gradient(state, h, context), Partial(update, state, h, context)
+  return GradientSource(init, gradient, update, gradient_and_update)
 
 
 def zero() -> GradientSource:
@@ -174,7 +188,7 @@ def zero() -> GradientSource:
     return jnp.zeros_like(h)
   def update(state, h, context, target):
     return state, _error_metrics(gradient(state, h, context), target)
-  return GradientSource(lambda rng, h, context: (), gradient, update)
+  return _source(lambda rng, h, context: (), gradient, update)
 
 
 def oracle(gradient_fn: Callable[[Array, Any], Array]) -> GradientSource:
@@ -185,7 +199,7 @@ def oracle(gradient_fn: Callable[[Array, Any], Array]) -> GradientSource:
     return gradient_fn(h, context)
   def update(state, h, context, target):
     return state, _error_metrics(gradient(state, h, context), target)
-  return GradientSource(lambda rng, h, context: (), gradient, update)
+  return _source(lambda rng, h, context: (), gradient, update)
 
 
 def synthetic_model(model, tx: optax.GradientTransformation) -> GradientSource:
@@ -197,6 +211,8 @@ def synthetic_model(model, tx: optax.GradientTransformation) -> GradientSource:
   training mode (batch statistics not kept: `update` recomputes the same
   forward and keeps them); `update` regresses M(h, c) onto the target with
   the L2 loss and takes one step of `tx`. Nothing flows into h.
+  `gradient_and_update` runs M forward once, under `jax.vjp`, and the update
+  pulls the regression loss's gradient back through that vjp.
   """
   def init(rng, h, context):
     return init_module(model, tx, rng, h, context)
@@ -207,7 +223,19 @@ def synthetic_model(model, tx: optax.GradientTransformation) -> GradientSource:
   def update(state, h, context, target):
     state, loss = regress(model, tx, state, (h, context), target)
     return state, {'sg_loss': loss}
-  return GradientSource(init, gradient, update)
+  def update_from_vjp(state, delta, vjp_fn, batch_stats, target):
+    loss, loss_vjp = jax.vjp(
+        lambda pred: interface.synthetic_gradient_loss(pred, target), delta)
+    (grads,) = vjp_fn(loss_vjp(jnp.ones_like(loss))[0])
+    return (apply_gradients(tx, state, grads, batch_stats),
+            {'sg_loss': loss})
+  def gradient_and_update(state, h, context):
+    def forward(params):
+      return apply_module(model, params, state.batch_stats, h, context,
+                          train=True)
+    delta, vjp_fn, batch_stats = jax.vjp(forward, state.params, has_aux=True)
+    return delta, Partial(update_from_vjp, state, delta, vjp_fn, batch_stats)
+  return GradientSource(init, gradient, update, gradient_and_update)
 
 
 class StaleGradientState(NamedTuple):
@@ -243,4 +271,4 @@ def stale(decay: float, batch_size: int) -> GradientSource:
     metrics = _error_metrics(gradient(state, h, context), target)
     return (StaleGradientState(decay * state.average + (1 - decay) * target),
             metrics)
-  return GradientSource(init, gradient, update)
+  return _source(init, gradient, update)
