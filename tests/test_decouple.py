@@ -98,9 +98,16 @@ def test_synthetic_model_source_gradient_and_regression_step():
 
   l2 = lambda p: jnp.mean(jnp.sum(jnp.square(_linear_m(p, h, c) - target),
                                   axis=-1))
+  expected = jax.tree.map(lambda w, g: w - LR * g, p, jax.grad(l2)(p))
   new_state, metrics = source.update(state, h, c, target)
-  _close(new_state.params,
-         jax.tree.map(lambda w, g: w - LR * g, p, jax.grad(l2)(p)))
+  _close(new_state.params, expected)
+  _close(metrics['sg_loss'], l2(p))
+  # The same update from the gradient's own forward pass (M(h) once), also
+  # after crossing a jit boundary.
+  delta, update_fn = jax.jit(source.gradient_and_update)(state, h, c)
+  _close(delta, _linear_m(p, h, c))
+  new_state, metrics = jax.jit(lambda f, t: f(t))(update_fn, target)
+  _close(new_state.params, expected)
   _close(metrics['sg_loss'], l2(p))
 
 
@@ -117,6 +124,9 @@ def test_stale_source_remembers_earlier_targets_per_slot():
   expected = decay * (1 - decay) * t1 + (1 - decay) * t2
   _close(source.gradient(state, h, None), expected)
   _close(source.gradient(state, h[:3], None), expected[:3])
+  delta, update_fn = source.gradient_and_update(state, h, None)
+  _close(delta, expected)
+  _close(update_fn(t1)[0].average, decay * expected + (1 - decay) * t1)
 
 
 def test_zero_source_leaves_an_sgd_module_unchanged_and_passes_zero_down():
