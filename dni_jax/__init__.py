@@ -8,9 +8,13 @@ datasets (`dni_jax.data.load_dataset`, also `load_dataset` here).
 """
 
 from dni_jax import data
+from dni_jax import sources
 from dni_jax.data import DataError
 from dni_jax.data import Dataset
 from dni_jax.data import load_dataset
+from dni_jax.decouple import decouple
+from dni_jax.decouple import Decoupled
+from dni_jax.decouple import DecoupledState
 from dni_jax.device_pipeline import DevicePipeline
 from dni_jax.device_pipeline import DevicePipelineState
 from dni_jax.device_pipeline import make_device_pipeline
@@ -44,6 +48,7 @@ from dni_jax.recurrent import make_recurrent
 from dni_jax.recurrent import Recurrent
 from dni_jax.recurrent import RecurrentConfig
 from dni_jax.recurrent import RecurrentState
+from dni_jax.sources import GradientSource
 
 __version__ = '0.1.0'
 
@@ -51,11 +56,15 @@ __all__ = [
     'DataError',
     'Dataset',
     'DECOUPLED_METHODS',
+    'decouple',
+    'Decoupled',
+    'DecoupledState',
     'DevicePipeline',
     'DevicePipelineState',
     'FeedForward',
     'FeedForwardConfig',
     'FeedForwardState',
+    'GradientSource',
     'initialize_distributed',
     'load_dataset',
     'make_backprop_pipeline',

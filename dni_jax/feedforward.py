@@ -1,32 +1,12 @@
 """Decoupled feed-forward networks: one protocol for Bprop, No-Bprop, DNI, cDNI.
 
-Sec. 2.1, 3.1 and A.1 of Jaderberg et al. An N-layer network has N-1 hidden
-layers (`HiddenDense`) and a classifier; DNI puts a synthetic-gradient model
-M_{i+1} on every interface i = 1..N-1 ("a 4-layer FCN = 3 hidden layers + the
-classifier, with 3 DNIs").
-
-Every method goes through the same pure step, `chain_update`: a block of
-modules runs forward under `jax.vjp`, asks a *gradient source* for the
-gradient of its output, and pulls that gradient back through the same vjps to
-get both the parameter updates and the gradient of its input. The methods
-differ only in where the interfaces are and what their gradient source is:
-
-  bprop     no interface: one block ending in the loss (update locked);
-  no_bprop  zero: only the top block learns from the loss;
-  dni       delta_hat_i = M_{i+1}(h_i);
-  cdni      delta_hat_i = M_{i+1}(h_i, one_hot(y)).
-
-By default there is an interface after every hidden layer; `dni_layers`
-chooses them (Fig. 9), and `p_update` makes updates sparse (Fig. 5 left).
-The input gradient a block returns is the target for the synthetic-gradient
-model below it: bootstrapped from the synthetic gradient above, or the true
-loss gradient from the top block (Fig. 2). Gradients crossing interfaces are
-per-example gradients (see `dni_jax.interface`).
-
-`make_feedforward` returns the per-block updates each jitted on its own (the
-decoupled API a researcher schedules one module at a time), and a fused
-whole-network `train_step` (one jit, the same functions composed by the same
-`schedule`).
+Sec. 2.1, 3.1 and A.1 of Jaderberg et al. Every method updates each block of
+modules between interfaces with `sources.chain_update` from the gradient its
+interface's source gives (`dni_jax.sources`: zero, a synthetic-gradient model,
+the stale memory); the methods differ only in where the interfaces are and
+which source they use. `make_feedforward` returns the per-block updates, each
+jitted on its own, and the fused whole-network `train_step`, both composed by
+the same `schedule`. Design notes: docs/ARCHITECTURE_NOTES_ff.md.
 """
 
 import dataclasses
@@ -40,6 +20,7 @@ import optax
 
 from dni_jax import interface
 from dni_jax import layers
+from dni_jax import sources
 from dni_jax import synthetic
 
 Array = jax.Array
@@ -180,21 +161,19 @@ class FeedForwardConfig:
     return self.method in GRADIENT_MODEL_METHODS
 
 
-class ModuleState(NamedTuple):
-  """Everything one independently updated module owns."""
-  params: Any        # Flax params.
-  batch_stats: Any   # Flax batch statistics ({} for modules without BatchNorm).
-  opt_state: Any     # Its own optax state: modules never share an optimiser.
+ModuleState = sources.ModuleState
 
 
 class FeedForwardState(NamedTuple):
   """State of an N-layer decoupled network."""
   layers: tuple[ModuleState, ...]     # Hidden layers 1..N-1.
   head: ModuleState                   # Layer N, the classifier.
-  synthetic: tuple[ModuleState, ...]  # One per interface, bottom up:
-                                      # synthetic[j] predicts the gradient of
-                                      # the output of layer interfaces[j]
-                                      # (StaleGradientState for 'stale').
+  synthetic: tuple[Any, ...]          # One gradient-source state per
+                                      # interface, bottom up: synthetic[j]
+                                      # gives the gradient of the output of
+                                      # layer interfaces[j] (a ModuleState;
+                                      # StaleGradientState for 'stale'; ()
+                                      # without learned sources).
   step: Array                         # int32 scalar, training steps taken.
   inputs: tuple[ModuleState, ...] = ()  # Complete unlock: one synthetic-input
                                         # model per interface; inputs[j] feeds
@@ -205,7 +184,8 @@ class Modules(NamedTuple):
   """The (stateless) module definitions and optimiser of a configuration."""
   hidden: tuple[Any, ...]     # One Flax definition per hidden layer.
   head: layers.Classifier
-  synthetic: Any              # The synthetic-gradient model definition.
+  synthetic: Any              # The synthetic-gradient model definition
+                              # (None for 'stale').
   tx: optax.GradientTransformation
   conditioned: bool   # cDNI: synthetic gradients see the one-hot label.
   num_classes: int
@@ -215,6 +195,7 @@ class Modules(NamedTuple):
   p_update: float                       # FeedForwardConfig.p_update
   synthetic_input: Any                  # Input model definition, or None.
   seed: int                             # Seed of the sparse-update masks.
+  source: sources.GradientSource        # Every interface's gradient source.
 
 
 def learning_rate_schedule(config: FeedForwardConfig) -> optax.Schedule:
@@ -251,14 +232,20 @@ def build_modules(config: FeedForwardConfig) -> Modules:
     sg_model = synthetic.SyntheticGradientCNN(
         config.resolved_sg_hidden_layers, config.sg_hidden_size,
         config.hidden_size, config.axis_name)
+  tx = mean_gradients_over(optax.adam(learning_rate_schedule(config)),
+                           config.axis_name)
   if config.method == 'stale':
-    sg_model = synthetic.StaleGradient(config.stale_decay, config.batch_size)
+    sg_model = None
+    source = sources.stale(config.stale_decay, config.batch_size)
+  elif config.uses_synthetic_gradients:
+    source = sources.synthetic_model(sg_model, tx)
+  else:
+    source = sources.zero()
   return Modules(
       hidden=hidden,
       head=layers.Classifier(config.num_classes),
       synthetic=sg_model,
-      tx=mean_gradients_over(optax.adam(learning_rate_schedule(config)),
-                             config.axis_name),
+      tx=tx,
       conditioned=config.method == 'cdni',
       num_classes=config.num_classes,
       blocks=config.blocks,
@@ -269,101 +256,22 @@ def build_modules(config: FeedForwardConfig) -> Modules:
                                                    config.hidden_size,
                                                    config.axis_name)
                        if config.synthetic_inputs else None),
-      seed=config.seed)
+      seed=config.seed,
+      source=source)
 
 
 # ---------------------------------------------------------------------------
-# Pure per-module functions.
+# Pure per-module functions: the core lives in `dni_jax.sources`; these names
+# stay importable from here.
 # ---------------------------------------------------------------------------
 
-def _apply(model, params, batch_stats, *inputs, train: bool):
-  """Applies a Flax module; returns (output, batch stats after the call)."""
-  variables = {'params': params}
-  if batch_stats:
-    variables['batch_stats'] = batch_stats
-    if train:
-      out, updates = model.apply(variables, *inputs, train=True,
-                                 mutable=['batch_stats'])
-      return out, updates['batch_stats']
-  return model.apply(variables, *inputs, train=train), batch_stats
-
-
-def module_vjp(model, state: ModuleState, x: Array, *extra):
-  """Training-mode forward of a module under `jax.vjp`.
-
-  Returns `(h, vjp_fn, batch_stats)`: `vjp_fn(cotangent_of_h)` gives
-  `(param_grads, grad_x)`; `batch_stats` are the statistics after this batch.
-  """
-  def forward(params, x):
-    return _apply(model, params, state.batch_stats, x, *extra, train=True)
-  h, vjp_fn, batch_stats = jax.vjp(forward, state.params, x, has_aux=True)
-  return h, vjp_fn, batch_stats
-
-
-def apply_gradients(tx: optax.GradientTransformation, state: ModuleState,
-                    grads: Any, batch_stats: Any) -> ModuleState:
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  return ModuleState(optax.apply_updates(state.params, updates), batch_stats,
-                     opt_state)
-
-
-GradientSource = Callable[[Array], Array]
-
-
-def chain_update(models, tx, states, x: Array, gradient_source: GradientSource):
-  """The one update every method uses (Eq. 1, 2 and Fig. 2).
-
-  Updates a block -- a chain of modules with no interface inside -- from one
-  gradient source at its top: every module runs forward under `jax.vjp`, the
-  source gives the per-example gradient of the block's output, and the same
-  vjps pull it back through the block, updating each module. Every-layer DNI
-  uses one-layer blocks; Bprop is a single block ending in the loss.
-
-  Args:
-    models, tx: the modules' Flax definitions and the optimiser.
-    states: their states, bottom up.
-    x: the block's input (the output of the block below, or the data).
-    gradient_source: maps the block's output h to the gradient the interface
-      above provides for it: synthetic (DNI), zero (No-Bprop), the loss
-      gradient (top block), or an oracle.
-
-  Returns:
-    (new_states, outputs, grad_x, grad_h): `outputs` are each module's output
-    (the last is h); `grad_x` is the per-example gradient of the input, from
-    the same vjps -- the target for the synthetic-gradient model below;
-    `grad_h` is what the gradient source gave.
-  """
-  outputs, vjps, stats = chain_vjp(models, states, x)
-  grad_h = gradient_source(outputs[-1])
-  param_grads, input_grads = chain_pull_back(vjps, grad_h)
-  new_states = tuple(apply_gradients(tx, state, grads, batch_stats)
-                     for state, grads, batch_stats
-                     in zip(states, param_grads, stats))
-  return new_states, outputs, input_grads[0], grad_h
-
-
-def chain_vjp(models, states, x: Array):
-  """Training-mode forward of a chain of modules under `jax.vjp`.
-  Returns (outputs, vjp_fns, batch_stats), one of each per module."""
-  outputs, vjps, stats = [], [], []
-  for model, state in zip(models, states):
-    x, vjp_fn, batch_stats = module_vjp(model, state, x)
-    outputs.append(x)
-    vjps.append(vjp_fn)
-    stats.append(batch_stats)
-  return tuple(outputs), vjps, stats
-
-
-def chain_pull_back(vjps, grad_h: Array):
-  """Pulls a per-example gradient of the chain's output back through every
-  module. Returns (param_grads, input_grads), one per module, bottom up;
-  input_grads[i] is the per-example gradient of module i's input."""
-  param_grads, input_grads = [None] * len(vjps), [None] * len(vjps)
-  grad = grad_h
-  for i in reversed(range(len(vjps))):
-    param_grads[i], grad = interface.pull_back(vjps[i], grad)
-    input_grads[i] = grad
-  return param_grads, input_grads
+_apply = sources.apply_module
+module_vjp = sources.module_vjp
+apply_gradients = sources.apply_gradients
+chain_vjp = sources.chain_vjp
+chain_pull_back = sources.chain_pull_back
+chain_update = sources.chain_update
+GradientSource = Callable[[Array], Array]   # What `chain_update` calls.
 
 
 def layer_update(model, tx, state: ModuleState, x: Array,
@@ -374,37 +282,23 @@ def layer_update(model, tx, state: ModuleState, x: Array,
   return new_state, h, grad_x, grad_h
 
 
-def synthetic_gradient(modules: Modules, sg_state: ModuleState, h: Array,
+def synthetic_gradient(modules: Modules, sg_state: Any, h: Array,
                        context: Array | None) -> Array:
-  """delta_hat = M(h, c) in training mode (its batch statistics are not kept:
-  `synthetic_update` recomputes the same forward and keeps them), or the
-  stale baseline's remembered gradient."""
-  if isinstance(modules.synthetic, synthetic.StaleGradient):
-    return modules.synthetic.gradient(sg_state, h)
-  out, _ = _apply(modules.synthetic, sg_state.params, sg_state.batch_stats, h,
-                  context, train=True)
-  return out
+  """The gradient the configuration's source gives for h: delta_hat = M(h, c)
+  in training mode, or the stale baseline's remembered gradient; zero when
+  `sg_state` is None (No-Bprop)."""
+  source = _ZERO if sg_state is None else modules.source
+  return source.gradient(sg_state, h, context)
 
 
-def synthetic_update(modules: Modules, sg_state: ModuleState, h: Array,
+def synthetic_update(modules: Modules, sg_state: Any, h: Array,
                      context: Array | None, target: Array):
-  """Regresses M(h, c) to its target with the L2 loss, weight 1 (A.1).
-
-  Returns (new_sg_state, sg_loss). The target is a constant; nothing flows
-  into h. The stale baseline instead folds the target into its moving
-  average; its sg_loss is the same L2 error, of the gradient it gave.
-  """
-  if isinstance(modules.synthetic, synthetic.StaleGradient):
-    loss = interface.synthetic_gradient_loss(
-        modules.synthetic.gradient(sg_state, h), target)
-    return modules.synthetic.update(sg_state, target), loss
-  def loss_fn(params):
-    pred, batch_stats = _apply(modules.synthetic, params, sg_state.batch_stats,
-                               h, context, train=True)
-    return interface.synthetic_gradient_loss(pred, target), batch_stats
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      sg_state.params)
-  return apply_gradients(modules.tx, sg_state, grads, batch_stats), loss
+  """The source learns from its target: M(h, c) regresses onto it with the L2
+  loss, weight 1 (A.1); the stale baseline folds it into its moving average.
+  Returns (new_sg_state, sg_loss), the L2 error of the gradient given at h.
+  The target is a constant; nothing flows into h."""
+  sg_state, metrics = modules.source.update(sg_state, h, context, target)
+  return sg_state, metrics['sg_loss']
 
 
 def synthetic_input(modules: Modules, si_state: ModuleState,
@@ -419,18 +313,16 @@ def synthetic_input_update(modules: Modules, si_state: ModuleState,
                            images: Array, target: Array):
   """Regresses I(data) to the real input (the output the block below
   produced), L2 loss. Returns (new_si_state, si_loss)."""
-  def loss_fn(params):
-    pred, batch_stats = _apply(modules.synthetic_input, params,
-                               si_state.batch_stats, images, train=True)
-    return interface.synthetic_gradient_loss(pred, target), batch_stats
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      si_state.params)
-  return apply_gradients(modules.tx, si_state, grads, batch_stats), loss
+  return sources.regress(modules.synthetic_input, modules.tx, si_state,
+                         (images,), target)
 
 
-def zero_gradient(h: Array) -> Array:
-  """No-Bprop's gradient source."""
-  return jnp.zeros_like(h)
+_ZERO = sources.zero()
+
+
+def _source_state(modules: Modules, state: FeedForwardState, j: int):
+  """Interface j's source state; None where the source is zero (No-Bprop)."""
+  return state.synthetic[j] if modules.use_synthetic else None
 
 
 def context_for(modules: Modules, labels: Array) -> Array | None:
@@ -442,20 +334,40 @@ def context_for(modules: Modules, labels: Array) -> Array | None:
 
 def block_update(modules: Modules, layer_ids: tuple[int, ...],
                  layer_states: tuple[ModuleState, ...],
-                 sg_state: ModuleState | None, x: Array,
-                 context: Array | None):
+                 sg_state: Any, x: Array, context: Array | None):
   """Decoupled update of a block of hidden layers ending at an interface: no
   waiting for anything above it. `layer_ids` (static, 0-based) say which
-  hidden layers `layer_states` are. The gradient source is the synthetic
-  gradient of the model on that interface (`sg_state`), or zero when
-  `sg_state` is None (No-Bprop). Returns
-  (new_layer_states, outputs, grad_x, grad_h)."""
-  if sg_state is None:
-    source = zero_gradient
-  else:
-    source = lambda h: synthetic_gradient(modules, sg_state, h, context)
-  return chain_update(tuple(modules.hidden[i] for i in layer_ids), modules.tx,
-                      layer_states, x, source)
+  hidden layers `layer_states` are. The gradient is the configuration's
+  source's on that interface (state `sg_state`), or zero when `sg_state` is
+  None (No-Bprop). Returns (new_layer_states, outputs, grad_x, grad_h)."""
+  return chain_update(
+      tuple(modules.hidden[i] for i in layer_ids), modules.tx, layer_states, x,
+      lambda h: synthetic_gradient(modules, sg_state, h, context))
+
+
+def block_and_source_update(modules: Modules, layer_ids: tuple[int, ...],
+                            layer_states: tuple[ModuleState, ...],
+                            sg_state: Any, x: Array, context: Array | None):
+  """`block_update` from a learned source (`sg_state` not None), which also
+  returns the source's pending update from the same forward pass of M:
+  (new_layer_states, outputs, grad_x, grad_h, source_update_fn), for
+  `finish_source_update` when the target arrives (M(h) computed once)."""
+  pending = []
+  def gradient_for(h):
+    delta, update_fn = modules.source.gradient_and_update(sg_state, h, context)
+    pending.append(update_fn)
+    return delta
+  new_states, outputs, grad_x, grad_h = chain_update(
+      tuple(modules.hidden[i] for i in layer_ids), modules.tx, layer_states, x,
+      gradient_for)
+  return new_states, outputs, grad_x, grad_h, pending[0]
+
+
+def finish_source_update(source_update_fn, target: Array):
+  """The pending update of `block_and_source_update` from its target:
+  (new_sg_state, sg_loss), as `synthetic_update` at the same h."""
+  sg_state, metrics = source_update_fn(target)
+  return sg_state, metrics['sg_loss']
 
 
 def top_block_update(modules: Modules, layer_ids: tuple[int, ...],
@@ -534,13 +446,16 @@ class BlockFunctions(NamedTuple):
   context: Callable
   synthetic_input: Callable
   synthetic_input_update: Callable
+  block_and_source_update: Callable
+  finish_source_update: Callable
 
 
 def _bind_block_functions(modules: Modules) -> BlockFunctions:
   bind = lambda f: functools.partial(f, modules)
   return BlockFunctions(bind(block_update), bind(top_block_update),
                         bind(synthetic_update), bind(context_for),
-                        bind(synthetic_input), bind(synthetic_input_update))
+                        bind(synthetic_input), bind(synthetic_input_update),
+                        bind(block_and_source_update), finish_source_update)
 
 
 def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
@@ -562,13 +477,22 @@ def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
   context = fns.context(labels)
   new_layers = list(state.layers)
   activations, block_inputs, block_outputs, targets, grads_h = [], [], [], [], []
+  # Without synthetic inputs, interface j's source learns at the h it gave a
+  # gradient for: its update reuses that forward pass (M(h) once).
+  source_updates = []
   for j, block in enumerate(modules.blocks[:-1]):
     if unlocked and j > 0:
       x = fns.synthetic_input(state.inputs[j - 1], images)
     block_inputs.append(x)
-    sg_state = state.synthetic[j] if modules.use_synthetic else None
-    new, outputs, grad_x, grad_h = fns.block_update(
-        block, tuple(state.layers[i] for i in block), sg_state, x, context)
+    sg_state = _source_state(modules, state, j)
+    layer_states = tuple(state.layers[i] for i in block)
+    if sg_state is None or unlocked:
+      new, outputs, grad_x, grad_h = fns.block_update(
+          block, layer_states, sg_state, x, context)
+    else:
+      new, outputs, grad_x, grad_h, update_fn = fns.block_and_source_update(
+          block, layer_states, sg_state, x, context)
+      source_updates.append(update_fn)
     for i, layer_state in zip(block, new):
       new_layers[i] = layer_state
     activations += outputs
@@ -592,9 +516,12 @@ def schedule(fns: BlockFunctions, modules: Modules, state: FeedForwardState,
   # its input (the real output of block j, or its synthetic input).
   new_synthetic, sg_losses = [], []
   if modules.use_synthetic:
-    for sg_state, h, target in zip(state.synthetic, block_inputs[1:],
-                                   targets):
-      sg_state, sg_loss = fns.synthetic_update(sg_state, h, context, target)
+    for j, (sg_state, h, target) in enumerate(zip(
+        state.synthetic, block_inputs[1:], targets)):
+      if source_updates:
+        sg_state, sg_loss = fns.finish_source_update(source_updates[j], target)
+      else:
+        sg_state, sg_loss = fns.synthetic_update(sg_state, h, context, target)
       new_synthetic.append(sg_state)
       sg_losses.append(sg_loss)
   new_inputs, si_losses = [], []
@@ -670,10 +597,8 @@ def synthetic_gradient_diagnostics(modules: Modules, state: FeedForwardState,
   for j, layer in enumerate(modules.interfaces):
     # Interface after layer k (1-based): h_k is the input of module k.
     h, true = outputs[layer - 1], true_grads[layer]
-    if modules.use_synthetic:
-      ghat = synthetic_gradient(modules, state.synthetic[j], h, context)
-    else:
-      ghat = zero_gradient(h)
+    ghat = synthetic_gradient(modules, _source_state(modules, state, j), h,
+                              context)
     rows.append(interface.gradient_diagnostics(ghat, true))
   return {f'sg_{k}': _vector([r[k] for r in rows], jnp.float32)
           for k in ('l2_error', 'cosine', 'sign_error')}
@@ -700,12 +625,6 @@ def eval_batch(modules: Modules, state: FeedForwardState, images: Array,
           'count': jnp.asarray(labels.shape[0])}
 
 
-def _init_module(model, tx, rng, *inputs) -> ModuleState:
-  variables = model.init(rng, *inputs, train=False)
-  params = variables['params']
-  return ModuleState(params, variables.get('batch_stats', {}), tx.init(params))
-
-
 def init(modules: Modules, config: FeedForwardConfig,
          rng: Array) -> FeedForwardState:
   """Initial state. Each module's key depends only on its position, so every
@@ -713,29 +632,25 @@ def init(modules: Modules, config: FeedForwardConfig,
   x = jnp.zeros((1,) + tuple(config.input_shape), jnp.float32)
   layer_states, outputs = [], []
   for i, model in enumerate(modules.hidden):
-    layer_states.append(_init_module(model, modules.tx,
+    layer_states.append(sources.init_module(model, modules.tx,
                                      jax.random.fold_in(rng, i), x))
     x = jnp.zeros_like(hidden_forward(modules, i, layer_states[-1], x,
                                       train=False))
     outputs.append(x)
-  head = _init_module(modules.head, modules.tx,
+  head = sources.init_module(modules.head, modules.tx,
                       jax.random.fold_in(rng, config.num_layers - 1), x)
   synthetic_states = ()
-  if config.method == 'stale':
-    synthetic_states = tuple(modules.synthetic.init(outputs[layer - 1].shape[1:])
-                             for layer in config.interfaces)
-  elif config.uses_synthetic_gradients:
+  if config.uses_synthetic_gradients:
     context = context_for(modules, jnp.zeros((1,), jnp.int32))
     synthetic_states = tuple(
-        _init_module(modules.synthetic, modules.tx,
-                     jax.random.fold_in(rng, 1000 + layer), outputs[layer - 1],
-                     context)
+        modules.source.init(jax.random.fold_in(rng, 1000 + layer),
+                            outputs[layer - 1], context)
         for layer in config.interfaces)
   input_states = ()
   if config.synthetic_inputs:
     images = jnp.zeros((1,) + tuple(config.input_shape), jnp.float32)
     input_states = tuple(
-        _init_module(modules.synthetic_input, modules.tx,
+        sources.init_module(modules.synthetic_input, modules.tx,
                      jax.random.fold_in(rng, 2000 + layer), images)
         for layer in config.interfaces)
   return FeedForwardState(tuple(layer_states), head, synthetic_states,
@@ -755,6 +670,9 @@ class FeedForward(NamedTuple):
     top_block_update(layer_ids, layer_states, head_state, x, labels)
         -> (layer_states, head_state, outputs, grad_x, loss, logits)
     synthetic_update(sg_state, h, context, target) -> (sg_state, sg_loss)
+    block_and_source_update(layer_ids, layer_states, sg_state, x, context)
+        -> (layer_states, outputs, grad_x, grad_h, source_update_fn)
+    finish_source_update(source_update_fn, target) -> (sg_state, sg_loss)
     synthetic_gradient(sg_state, h, context) -> delta_hat
     synthetic_input(si_state, images) -> h_hat          (complete unlock)
     synthetic_input_update(si_state, images, target) -> (si_state, si_loss)
@@ -787,6 +705,8 @@ class FeedForward(NamedTuple):
   backprop_update: Callable
   hidden_forward: Callable
   context: Callable
+  block_and_source_update: Callable
+  finish_source_update: Callable
 
 
 def make_feedforward(config: FeedForwardConfig, jit: bool = True,
@@ -821,6 +741,9 @@ def make_feedforward(config: FeedForwardConfig, jit: bool = True,
       backprop_update=wrap(bind(backprop_update), **static_layers),
       hidden_forward=wrap(bind(hidden_forward), static_argnums=(0, 3)),
       context=wrap(bind(context_for)),
+      block_and_source_update=wrap(bind(block_and_source_update),
+                                   **static_layers),
+      finish_source_update=wrap(finish_source_update),
   )
 
 
@@ -834,5 +757,6 @@ def per_layer_train_step(ff: FeedForward, state: FeedForwardState,
   """
   fns = BlockFunctions(ff.block_update, ff.top_block_update,
                        ff.synthetic_update, ff.context, ff.synthetic_input,
-                       ff.synthetic_input_update)
+                       ff.synthetic_input_update, ff.block_and_source_update,
+                       ff.finish_source_update)
   return schedule(fns, ff.modules, state, images, labels)

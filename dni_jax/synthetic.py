@@ -1,6 +1,8 @@
-"""Synthetic-gradient models (Sec. 2.1, A.1) and the stale-gradient baseline (Sec. 3.1)."""
+"""Synthetic-gradient and synthetic-input models (Sec. 2.1, A.1).
 
-from typing import NamedTuple
+The stale-gradient baseline of Sec. 3.1 is a gradient source in
+`dni_jax.sources` (`sources.stale`).
+"""
 
 import flax.linen as nn
 import jax
@@ -83,41 +85,3 @@ class SyntheticInputMLP(nn.Module):
                        axis_name=self.axis_name)(x)
     x = nn.relu(x)
     return nn.Dense(self.out_features)(x)
-
-
-class StaleGradientState(NamedTuple):
-  """The stale baseline's memory for one interface."""
-  average: jax.Array   # [B, ...h]: an exponential moving average of the
-                       # per-example targets seen in each batch slot.
-
-
-class StaleGradient(NamedTuple):
-  """Historical-gradient baseline of Sec. 3.1, in place of M(h, c).
-
-  Not a model of the gradient but a memory of it: the gradient given for the
-  b-th example of a batch is an exponential moving average of the targets
-  received for the b-th examples of *earlier* batches, so it never belongs
-  to the example it is used for (as in the paper). It is trained on the same
-  (bootstrapped, or true at the top) targets a synthetic-gradient model gets:
-  `average <- decay * average + (1 - decay) * target`. With decay 0 a layer
-  is updated with the gradient of the example in its slot one step earlier.
-  """
-  decay: float
-  batch_size: int
-
-  def init(self, h_shape: tuple[int, ...]) -> StaleGradientState:
-    return StaleGradientState(jnp.zeros((self.batch_size,) + tuple(h_shape),
-                                        jnp.float32))
-
-  def gradient(self, state: StaleGradientState, h: jax.Array) -> jax.Array:
-    # A smaller batch (the diagnostics' probe) reads the first slots.
-    if h.shape[1:] != state.average.shape[1:] or h.shape[0] > self.batch_size:
-      raise ValueError(f'the stale baseline holds gradients for batches of '
-                       f'shape {state.average.shape}, got activations of shape '
-                       f'{h.shape}: train with the batch size it was built for')
-    return state.average[:h.shape[0]].astype(h.dtype)
-
-  def update(self, state: StaleGradientState,
-             target: jax.Array) -> StaleGradientState:
-    return StaleGradientState(self.decay * state.average
-                              + (1 - self.decay) * target)
