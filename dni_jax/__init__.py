@@ -12,9 +12,9 @@ from dni_jax import sources
 from dni_jax.data import DataError
 from dni_jax.data import Dataset
 from dni_jax.data import load_dataset
-from dni_jax.decouple import decouple
-from dni_jax.decouple import Decoupled
-from dni_jax.decouple import DecoupledState
+from dni_jax.decoupling import decouple
+from dni_jax.decoupling import Decoupled
+from dni_jax.decoupling import DecoupledState
 from dni_jax.device_pipeline import DevicePipeline
 from dni_jax.device_pipeline import DevicePipelineState
 from dni_jax.device_pipeline import make_device_pipeline
