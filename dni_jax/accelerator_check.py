@@ -30,12 +30,13 @@ from dni_jax import feedforward
 
 PAPER_STEPS = 500_000   # A.1: every Table 1 run.
 FULL = dict(batch_size=256, warmup=3, steps=20, table1_steps=200,
-            peak_matmul=2048,
+            peak_matmul=bmx.MATMUL_SIZES,
             overrides={}, pipeline=dict(num_layers=6, hidden_size=256,
                                         input_shape=[28, 28, 1]),
             table1=dict(input_shape=(32, 32, 3), hidden_size=128,
                         sg_hidden_size=128))
-SMALL = dict(batch_size=8, warmup=1, steps=2, table1_steps=3, peak_matmul=256,
+SMALL = dict(batch_size=8, warmup=1, steps=2, table1_steps=3,
+             peak_matmul=(128, 256),
              overrides={'fcn': {'hidden_size': 16, 'sg_hidden_size': 16,
                                 'input_shape': (8, 8, 1)},
                         'cnn': {'hidden_size': 4, 'sg_hidden_size': 4,
