@@ -114,7 +114,8 @@ def _validate() -> None:
             '--suite=accelerator_check')
     return
   if FLAGS.small:
-    _fail(f'--small is for --suite=accelerator_check, not --suite={FLAGS.suite}')
+    _fail(f'--small is for --suite=accelerator_check, not '
+          f'--suite={FLAGS.suite}')
   if not FLAGS.json:
     _fail('--json is required')
   for name in ('batch_size', 'warmup', 'steps', 'microbatches', 'hidden_size',
@@ -182,7 +183,8 @@ def main(argv):
       print(f.read())
     return
   if FLAGS.suite == 'pipeline':
-    spec = {'mode': 'pipelines', 'input_shape': [28, 28, 1], 'dtype': FLAGS.dtype,
+    spec = {'mode': 'pipelines', 'input_shape': [28, 28, 1],
+            'dtype': FLAGS.dtype,
             'num_layers': FLAGS.num_layers, 'hidden_size': FLAGS.hidden_size,
             'batch_size': FLAGS.batch_size,
             'num_stages': FLAGS.processes or FLAGS.num_devices,
