@@ -20,13 +20,14 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from dni_jax import bench_metrics as bmx
 from dni_jax import feedforward
 from dni_jax import pipeline as pl
 from dni_jax import recurrent
@@ -70,39 +71,6 @@ def time_call(fn: Callable, args: tuple, warmup: int, steps: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
-
-
-def compiled_flops(jitted: Callable, *args) -> float | None:
-  """FLOPs of one call from XLA's cost analysis (None if unavailable)."""
-  try:
-    analysis = jitted.lower(*args).compile().cost_analysis()
-  except Exception:  # Some backends do not implement it.
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  if not analysis or 'flops' not in analysis:
-    return None
-  return float(analysis['flops'])
-
-
-def matmul_peak(size: int = 2048, device=None, steps: int = 10) -> float:
-  """Measured FLOP/s of a float32 [size, size] matmul on `device`: the peak
-  achieved FLOP/s are compared to."""
-  device = device or jax.devices()[0]
-  a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
-  matmul = jax.jit(lambda x, y: x @ y)
-  seconds = time_call(matmul, (a, a), warmup=2, steps=steps)
-  return 2.0 * size ** 3 / seconds
-
-
-def peak_memory_bytes(device=None) -> int | None:
-  """Peak bytes in use on the device (None where the backend does not say,
-  e.g. CPU)."""
-  device = device or jax.devices()[0]
-  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
-  if not stats:
-    return None
-  return stats.get('peak_bytes_in_use', stats.get('bytes_in_use'))
 
 
 def device_info() -> dict:
@@ -190,43 +158,76 @@ def lstm_chunk(config: recurrent.RecurrentConfig, batch_size: int,
       mask=jnp.ones(shape, jnp.float32), resets=jnp.zeros(shape, jnp.float32))
 
 
-def _timing_row(seconds: float, examples: int, flops: float | None,
-                peak_flops: float) -> dict:
-  return {'step_ms': 1e3 * seconds, 'examples_per_step': examples,
-          'samples_per_s': examples / seconds, 'flops_per_step': flops,
-          'flops_per_s': flops / seconds if flops else None,
-          'fraction_of_matmul_peak': (flops / seconds / peak_flops
-                                      if flops else None),
-          'peak_memory_bytes': peak_memory_bytes()}
+class RowSettings(NamedTuple):
+  """How every row of a models run is timed and reported."""
+  batch_size: int
+  warmup: int
+  steps: int
+  dtype: str = 'float32'     # Compute dtype of the FCN / CNN layers.
+  peak_flops: float | None = None   # None: `bench_metrics.peak_for(dtype)`.
+  profile_steps: int = 0     # > 0: a jax.profiler trace of the fused step.
+  profile_dir: str | None = None
 
 
-def _lstm_rows(method, batch_size, warmup, steps, peak_flops,
-               overrides) -> list[dict]:
+def time_row(row: dict, settings: RowSettings, step: Callable, init: Callable,
+             args: tuple, examples: int, flops: dict, stats: dict,
+             profile: bool) -> dict:
+  """Times `step` from `init()` and fills `row`'s columns (`flops`: the
+  analytic counts, `stats`: the compiled step's `bench_metrics.
+  compiled_stats`); with `profile`, writes a trace of
+  `settings.profile_steps` steps under settings.profile_dir/ROW_NAME."""
+  times, _ = time_steps(step, init(), args, settings.warmup, settings.steps)
+  seconds = statistics.median(times)
+  row.update(step_ms=1e3 * seconds, examples_per_step=examples)
+  row.update(bmx.rate_fields(seconds, examples, flops, stats['hlo_flops'],
+                             settings.peak_flops))
+  row.update(peak_flops_per_s=settings.peak_flops,
+             peak_memory_bytes=bmx.device_peak_memory_bytes(),
+             compiled_memory_bytes=stats['compiled_memory_bytes'])
+  if profile and settings.profile_steps > 0:
+    name = '_'.join(str(row[k]) for k in ('model', 'method', 'dispatch',
+                                          'dtype'))
+    logdir = os.path.join(settings.profile_dir, name)
+    files, _ = bmx.profile_steps(step, init(), args, settings.profile_steps,
+                                 logdir)
+    row['profile_files'] = files
+  return row
+
+
+def _lstm_rows(method, settings: RowSettings, overrides) -> list[dict]:
   config = lstm_config(method, **overrides)
   rec = recurrent.make_recurrent(config)
-  chunk = lstm_chunk(config, batch_size)
-  init = lambda: rec.init(jax.random.key(0), batch_size, chunk.inputs)
-  flops = compiled_flops(rec.train_step, init(), chunk)
-  times, _ = time_steps(rec.train_step, init(), (chunk,), warmup, steps)
+  chunk = lstm_chunk(config, settings.batch_size)
+  init = lambda: rec.init(jax.random.key(0), settings.batch_size,
+                          chunk.inputs)
   row = {'model': 'lstm', 'method': method, 'dispatch': 'fused',
-         'devices': 1, 'batch_size': batch_size, 'unroll': config.unroll,
-         'hidden_size': config.hidden_size}
+         'dtype': 'float32', 'devices': 1, 'batch_size': settings.batch_size,
+         'unroll': config.unroll, 'hidden_size': config.hidden_size}
   # One example = one character step: B x T per training step.
-  row.update(_timing_row(statistics.median(times), batch_size * config.unroll,
-                         flops, peak_flops))
-  return [row]
+  return [time_row(row, settings, rec.train_step, init, (chunk,),
+                   settings.batch_size * config.unroll,
+                   bmx.recurrent_flops(config, settings.batch_size),
+                   bmx.compiled_stats(rec.train_step, init(), chunk), True)]
 
 
-def run_models_suite(models, methods, batch_size, warmup, steps,
-                     peak_flops, overrides=None) -> list[dict]:
-  """Per model and method, on one device: median step time, samples/s,
-  FLOP/s (XLA cost analysis of the fused step; the per-layer schedule does
-  the same arithmetic), its fraction of the measured matmul peak, peak device
-  memory. Feed-forward models are timed with the fused step and with one
-  jitted call per module (`per_layer`); the LSTM's unroll is one jitted call
-  (its samples are character steps, B x T per step). Methods that do not
-  apply to a model (cdni for the LSTM, dni_aux for FCN/CNN) are skipped.
-  `overrides`: {model: {size field: value}} (tests use tiny sizes)."""
+def run_models_suite(models, methods, settings: RowSettings,
+                     overrides=None) -> list[dict]:
+  """Per model and method, on one device: median step time, steps/s,
+  examples/s, HLO FLOPs of the compiled fused step (the per-layer schedule
+  does the same arithmetic, so its rows carry the fused step's figures) and
+  the analytic model FLOPs (`bench_metrics`), both as FLOP/s and as a
+  fraction of the peak, peak device memory and the compiled step's memory.
+  Feed-forward models are timed with the fused step and with one jitted call
+  per module (`per_layer`); the LSTM's unroll is one jitted call (its
+  examples are character steps, B x T per step; it runs in float32 only).
+  Methods that do not apply to a model (cdni for the LSTM, dni_aux for
+  FCN/CNN) are skipped. `overrides`: {model: {size field: value}}."""
+  if settings.dtype != 'float32' and 'lstm' in models:
+    raise ValueError(f'dtype={settings.dtype}: the recurrent rows (lstm) '
+                     'run in float32 only; leave lstm out of the models')
+  if settings.peak_flops is None:
+    settings = settings._replace(
+        peak_flops=bmx.peak_for(settings.dtype)[0])
   overrides = overrides or {}
   rows = []
   for model in models:
@@ -234,26 +235,26 @@ def run_models_suite(models, methods, batch_size, warmup, steps,
       if method not in METHODS[model]:
         continue
       if model == 'lstm':
-        rows += _lstm_rows(method, batch_size, warmup, steps, peak_flops,
-                           overrides.get(model, {}))
+        rows += _lstm_rows(method, settings, overrides.get(model, {}))
         continue
-      config = model_config(model, method, **overrides.get(model, {}))
+      config = model_config(model, method, dtype=settings.dtype,
+                            **overrides.get(model, {}))
       ff = feedforward.make_feedforward(config)
-      images, labels = (jnp.asarray(v) for v in _model_batch(config,
-                                                             batch_size))
-      state = ff.init(jax.random.key(0))
-      flops = compiled_flops(ff.train_step, state, images, labels)
+      images, labels = (jnp.asarray(v) for v in _model_batch(
+          config, settings.batch_size))
+      init = lambda ff=ff: ff.init(jax.random.key(0))
+      stats = bmx.compiled_stats(ff.train_step, init(), images, labels)
+      flops = bmx.feedforward_flops(config, settings.batch_size)
       per_layer = lambda st, x, y, ff=ff: feedforward.per_layer_train_step(
           ff, st, x, y)
       for dispatch, step in (('fused', ff.train_step),
                              ('per_layer', per_layer)):
-        times, _ = time_steps(step, ff.init(jax.random.key(0)),
-                              (images, labels), warmup, steps)
         row = {'model': model, 'method': method, 'dispatch': dispatch,
-               'devices': 1, 'batch_size': batch_size}
-        row.update(_timing_row(statistics.median(times), batch_size, flops,
-                               peak_flops))
-        rows.append(row)
+               'dtype': settings.dtype, 'devices': 1,
+               'batch_size': settings.batch_size}
+        rows.append(time_row(row, settings, step, init, (images, labels),
+                             settings.batch_size, flops, stats,
+                             dispatch == 'fused'))
   for row in rows:   # DNI/Bprop step-time ratio per model and dispatch.
     ref = next((r for r in rows if r['model'] == row['model'] and r[
         'dispatch'] == row['dispatch'] and r['method'] == 'bprop'), None)
@@ -263,11 +264,16 @@ def run_models_suite(models, methods, batch_size, warmup, steps,
 
 
 def run_data_parallel_suite(model, method, device_counts, batch_size, warmup,
-                            steps, overrides=None) -> list[dict]:
+                            steps, overrides=None,
+                            dtype: str = 'float32') -> list[dict]:
   """The fused step of `dni_jax.parallel.make_data_parallel` (batch split
   over the devices, states replicated) on 1..K devices; for the LSTM,
-  `make_data_parallel_recurrent` (streams and their carried state split)."""
+  `make_data_parallel_recurrent` (streams and their carried state split;
+  float32 only). `dtype`: compute dtype of the FCN / CNN layers."""
   from dni_jax import parallel
+  if dtype != 'float32' and model == 'lstm':
+    raise ValueError(f'dtype={dtype}: the recurrent rows (lstm) run in '
+                     'float32 only')
   overrides = overrides or {}
   rows = []
   for n in device_counts:
@@ -281,7 +287,7 @@ def run_data_parallel_suite(model, method, device_counts, batch_size, warmup,
       state = rec.init(jax.random.key(0), batch_size, chunk.inputs)
       examples = batch_size * config.unroll
     else:
-      config = model_config(model, method, **overrides)
+      config = model_config(model, method, dtype=dtype, **overrides)
       ff = parallel.make_data_parallel(config, mesh)
       step = ff.train_step
       args = parallel.shard_batch(mesh, *_model_batch(config, batch_size))
@@ -290,9 +296,11 @@ def run_data_parallel_suite(model, method, device_counts, batch_size, warmup,
     times, _ = time_steps(step, state, args, warmup, steps)
     seconds = statistics.median(times)
     rows.append({'model': model, 'method': method, 'mode': 'data_parallel',
+                 'dtype': dtype if model != 'lstm' else 'float32',
                  'devices': mesh.size, 'batch_size': batch_size,
-                 'step_ms': 1e3 * seconds, 'examples_per_step': examples,
-                 'samples_per_s': examples / seconds})
+                 'step_ms': 1e3 * seconds, 'steps_per_s': 1.0 / seconds,
+                 'examples_per_step': examples,
+                 'examples_per_s': examples / seconds})
   for row in rows:
     row['speedup_vs_1'] = rows[0]['step_ms'] / row['step_ms']
   return rows
@@ -306,7 +314,8 @@ def _suite_base(spec: dict) -> dict:
   return dict(input_shape=tuple(spec['input_shape']), num_classes=10,
               num_layers=spec['num_layers'], hidden_size=spec['hidden_size'],
               sg_hidden_layers=0, sg_hidden_size=spec['hidden_size'],
-              learning_rate=3e-5, lr_boundaries=())
+              learning_rate=3e-5, lr_boundaries=(),
+              dtype=spec.get('dtype', 'float32'))
 
 
 def measured_layer_costs(spec: dict) -> tuple[list[float], float]:
@@ -665,7 +674,8 @@ def summarize_pipeline(spec: dict, baseline: dict, workers: list[dict],
   return {
       'suite': 'pipeline',
       'launcher': launcher,
-      'network': {'method': 'cdni', 'num_layers': spec['num_layers'],
+      'network': {'method': 'cdni', 'dtype': spec.get('dtype', 'float32'),
+                  'num_layers': spec['num_layers'],
                   'hidden_size': spec['hidden_size'],
                   'input_shape': spec['input_shape'], 'batch_size': B,
                   'stage_boundaries': list(boundaries),

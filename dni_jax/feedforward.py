@@ -69,10 +69,16 @@ class FeedForwardConfig:
   # the mapped batch axis over which BatchNorm statistics and every module's
   # gradients are averaged. None: one device, or jit with shardings.
   axis_name: str | None = None
+  # Compute dtype of the hidden layers and the classifier (`layers`):
+  # 'float32' or 'bfloat16'; parameters, synthetic-gradient models and the
+  # activations between modules stay float32.
+  dtype: str = 'float32'
 
   def __post_init__(self):
     def bad(msg):
       raise ValueError(f'FeedForwardConfig: {msg}')
+    if self.dtype not in ('float32', 'bfloat16'):
+      bad(f"dtype={self.dtype!r} is not one of ('float32', 'bfloat16')")
     if self.method not in METHODS:
       bad(f'method={self.method!r} is not one of {METHODS}')
     if self.model not in MODELS:
@@ -219,15 +225,15 @@ def mean_gradients_over(tx: optax.GradientTransformation,
 def build_modules(config: FeedForwardConfig) -> Modules:
   num_hidden = config.num_layers - 1
   if config.model == 'fcn':
-    hidden = (layers.HiddenDense(config.hidden_size,
-                                 config.axis_name),) * num_hidden
+    hidden = (layers.HiddenDense(config.hidden_size, config.axis_name,
+                                 config.dtype),) * num_hidden
     sg_model = synthetic.SyntheticGradientMLP(
         config.resolved_sg_hidden_layers, config.sg_hidden_size,
         config.hidden_size, config.axis_name)
   else:
     hidden = tuple(layers.HiddenConv(config.hidden_size,
                                      'max' if i == 0 else 'avg',
-                                     config.axis_name)
+                                     config.axis_name, config.dtype)
                    for i in range(num_hidden))
     sg_model = synthetic.SyntheticGradientCNN(
         config.resolved_sg_hidden_layers, config.sg_hidden_size,
@@ -243,7 +249,7 @@ def build_modules(config: FeedForwardConfig) -> Modules:
     source = sources.zero()
   return Modules(
       hidden=hidden,
-      head=layers.Classifier(config.num_classes),
+      head=layers.Classifier(config.num_classes, config.dtype),
       synthetic=sg_model,
       tx=tx,
       conditioned=config.method == 'cdni',

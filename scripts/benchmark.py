@@ -15,8 +15,19 @@ and TPU.
   # ... or over the devices of this process (accelerators; fake CPU devices):
   python scripts/benchmark.py --suite=pipeline --num_devices=2 \
       --json=/tmp/pipeline_devices.json
+  # The FCN / CNN layers in bfloat16, and a jax.profiler trace of 5 steps of
+  # every fused row (under the JSON's folder, profile/):
+  python scripts/benchmark.py --suite=models --models=fcn,cnn \
+      --dtype=bfloat16 --profile_steps=5 --json=/tmp/bf16/models.json
+  # Everything an accelerator machine should measure, one JSON + markdown
+  # (scripts/accelerator_check.sh runs this; --small: tiny sizes, CPU):
+  python scripts/benchmark.py --suite=accelerator_check --out_dir=/tmp/check
 
 Each run writes the JSON and, beside it, a markdown table (FILE.md).
+Models rows report steps/s, examples/s, the compiled step's HLO FLOPs, the
+analytic model FLOPs (base network; synthetic-gradient models apart), both
+as a fraction of the peak (CPU: a float32 matmul measured in the run;
+GPU/TPU: the datasheet, `dni_jax.bench_metrics`), and peak memory.
 """
 
 import json
@@ -27,10 +38,24 @@ import tempfile
 from absl import app
 from absl import flags
 
-flags.DEFINE_enum('suite', 'pipeline', ['pipeline', 'models', 'data_parallel'],
+flags.DEFINE_enum('suite', 'pipeline', ['pipeline', 'models', 'data_parallel',
+                                        'accelerator_check'],
                   'What to measure.')
-flags.DEFINE_string('json', None, 'Output JSON file (required); the markdown '
-                    'table goes to the same path with .md appended.')
+flags.DEFINE_string('json', None, 'Output JSON file (required but for '
+                    'accelerator_check); the markdown table goes to the same '
+                    'path with .md appended.')
+flags.DEFINE_string('out_dir', None, 'accelerator_check: folder for '
+                    'accelerator_check.json and .md (required).')
+flags.DEFINE_bool('small', False, 'accelerator_check: tiny sizes and step '
+                  'counts (runs end to end on a CPU).')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                  'models / data_parallel / pipeline: compute dtype of the '
+                  'FCN / CNN layers (parameters stay float32); the LSTM runs '
+                  'in float32 only.')
+flags.DEFINE_integer('profile_steps', 0,
+                     'models / accelerator_check: N > 0 writes a '
+                     'jax.profiler trace of N steps of every fused row into '
+                     'profile/ beside the output.')
 flags.DEFINE_integer('processes', None,
                      'pipeline: one worker process per stage, each pinned to '
                      'its own CPU core (CPU hosts; at most the core count).')
@@ -75,6 +100,22 @@ def _fail(message: str) -> None:
 
 
 def _validate() -> None:
+  if FLAGS.profile_steps < 0:
+    _fail(f'--profile_steps={FLAGS.profile_steps}: must be >= 0')
+  if FLAGS.profile_steps and FLAGS.suite not in ('models',
+                                                 'accelerator_check'):
+    _fail(f'--profile_steps is for --suite=models or accelerator_check, not '
+          f'--suite={FLAGS.suite}')
+  if FLAGS.suite == 'accelerator_check':
+    if not FLAGS.out_dir:
+      _fail('--suite=accelerator_check needs --out_dir')
+    if FLAGS.processes is not None:
+      _fail('--processes is for --suite=pipeline, not '
+            '--suite=accelerator_check')
+    return
+  if FLAGS.small:
+    _fail(f'--small is for --suite=accelerator_check, not '
+          f'--suite={FLAGS.suite}')
   if not FLAGS.json:
     _fail('--json is required')
   for name in ('batch_size', 'warmup', 'steps', 'microbatches', 'hidden_size',
@@ -116,6 +157,9 @@ def _validate() -> None:
             f'{",".join(FLAGS.methods)}: no method applies to these models')
     if FLAGS.unroll < 1:
       _fail(f'--unroll={FLAGS.unroll}: must be a positive integer')
+    if FLAGS.dtype != 'float32' and 'lstm' in FLAGS.models:
+      _fail(f'--dtype={FLAGS.dtype}: the recurrent rows (lstm) run in '
+            'float32 only; leave lstm out of --models')
   if FLAGS.num_devices is not None and FLAGS.num_devices < 1:
     _fail(f'--num_devices={FLAGS.num_devices}: must be >= 1')
 
@@ -132,8 +176,15 @@ def main(argv):
   from dni_jax import benchmarking as bm
 
   load_before = bm.load_average()
+  if FLAGS.suite == 'accelerator_check':
+    from dni_jax import accelerator_check
+    accelerator_check.run(FLAGS.out_dir, FLAGS.small, FLAGS.profile_steps)
+    with open(os.path.join(FLAGS.out_dir, 'accelerator_check.md')) as f:
+      print(f.read())
+    return
   if FLAGS.suite == 'pipeline':
     spec = {'mode': 'pipelines', 'input_shape': [28, 28, 1],
+            'dtype': FLAGS.dtype,
             'num_layers': FLAGS.num_layers, 'hidden_size': FLAGS.hidden_size,
             'batch_size': FLAGS.batch_size,
             'num_stages': FLAGS.processes or FLAGS.num_devices,
@@ -163,18 +214,22 @@ def main(argv):
       result['device'] = bm.device_info()
     table = bm.pipeline_markdown(result)
   elif FLAGS.suite == 'models':
-    peak = bm.matmul_peak()
-    rows = bm.run_models_suite(FLAGS.models, FLAGS.methods, FLAGS.batch_size,
-                               FLAGS.warmup, FLAGS.steps, peak,
+    from dni_jax import accelerator_check
+    from dni_jax import bench_metrics
+    peak, source = bench_metrics.peak_for(FLAGS.dtype)
+    settings = bm.RowSettings(
+        FLAGS.batch_size, FLAGS.warmup, FLAGS.steps, FLAGS.dtype, peak,
+        FLAGS.profile_steps,
+        os.path.join(os.path.dirname(os.path.abspath(FLAGS.json)), 'profile'))
+    rows = bm.run_models_suite(FLAGS.models, FLAGS.methods, settings,
                                overrides={'lstm': {'unroll': FLAGS.unroll}})
-    result = {'suite': 'models', 'matmul_peak_flops_per_s': peak,
+    result = {'suite': 'models', 'dtype': FLAGS.dtype,
+              'peak_flops_per_s': peak, 'peak_source': source,
               'device': bm.device_info(), 'rows': rows,
               'warmup': FLAGS.warmup, 'steps': FLAGS.steps}
-    table = bm.markdown_table(rows, [
-        'model', 'method', 'dispatch', 'step_ms', 'step_time_vs_bprop',
-        'examples_per_step', 'samples_per_s', 'flops_per_s', 'fraction_of_matmul_peak',
-        'peak_memory_bytes'])
-    table += f'\nMeasured matmul peak: {peak / 1e9:.1f} GFLOP/s.\n'
+    table = bm.markdown_table(rows, accelerator_check.MODEL_COLUMNS)
+    table += ('\nPeak: ' + (f'{peak / 1e9:.4g} GFLOP/s' if peak else 'n/a')
+              + f' ({source}).\n')
   else:
     counts = range(1, (FLAGS.num_devices or jax.local_device_count()) + 1)
     counts = [n for n in counts if FLAGS.batch_size % n == 0]
@@ -185,12 +240,12 @@ def main(argv):
           rows += bm.run_data_parallel_suite(
               model, method, counts, FLAGS.batch_size, FLAGS.warmup,
               FLAGS.steps, overrides=({'unroll': FLAGS.unroll}
-                                      if model == 'lstm' else None))
+                                      if model == 'lstm' else None),
+              dtype=FLAGS.dtype)
     result = {'suite': 'data_parallel', 'device': bm.device_info(),
               'rows': rows, 'warmup': FLAGS.warmup, 'steps': FLAGS.steps}
-    table = bm.markdown_table(rows, ['model', 'method', 'devices', 'step_ms',
-                                     'examples_per_step', 'samples_per_s',
-                                     'speedup_vs_1'])
+    from dni_jax import accelerator_check
+    table = bm.markdown_table(rows, accelerator_check.DP_COLUMNS)
   result['load_average_before'] = load_before
   result['load_average_after'] = bm.load_average()
   result['command'] = ' '.join(['python', 'scripts/benchmark.py']
