@@ -6,7 +6,7 @@ interface's source gives (`dni_jax.sources`: zero, a synthetic-gradient model,
 the stale memory); the methods differ only in where the interfaces are and
 which source they use. `make_feedforward` returns the per-block updates, each
 jitted on its own, and the fused whole-network `train_step`, both composed by
-the same `schedule`. Design notes: docs/ARCHITECTURE_NOTES_ff.md.
+the same `schedule`. Design notes: docs/architecture/feedforward.md.
 """
 
 import dataclasses

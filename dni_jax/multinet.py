@@ -7,7 +7,7 @@ steps and counts 3s among the last T^2 digits. Modes: `backprop` (one joint
 graph per T^2 steps), `dni` (A consumes sg_scale * M(m); B trains M to the
 true message gradients it returns) and `decoupled` (A's message gets zero
 gradient). The design in full (modes, gradient convention, choices where the
-paper is silent): docs/ARCHITECTURE_NOTES_core.md and docs/MULTINET.md.
+paper is silent): docs/architecture/recurrent_multinet.md and docs/MULTINET.md.
 """
 
 import functools

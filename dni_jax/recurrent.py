@@ -7,7 +7,7 @@ parameter gradient of the unroll's loss and the per-example gradient w.r.t.
 s_0. The gradient from the future at the boundary is 0 (`bptt`) or
 sg_scale * M(y_T) (`dni`, `dni_aux`); M is trained one step later, on the
 replayed previous unroll, to the gradient w.r.t. s_0 (Fig. 4). The design in
-full (methods, gradient convention, replay): docs/ARCHITECTURE_NOTES_core.md.
+full (methods, gradient convention, replay): docs/architecture/recurrent_multinet.md.
 """
 
 import functools

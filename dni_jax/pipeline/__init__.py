@@ -7,7 +7,7 @@
   gpipe      the backprop baseline, GPipe (`make_backprop_pipeline`)
   balancing  stage boundaries that minimise the slowest stage
 
-Design notes and measurements: docs/ARCHITECTURE_NOTES_pipeline.md.
+Design notes and measurements: docs/architecture/pipeline.md.
 """
 
 from dni_jax.pipeline.balancing import balanced_interfaces

@@ -15,7 +15,7 @@ mesh axis; every tick every stage works at once:
 While the pipeline fills (the first S-1 ticks), stages without a real input
 keep their state. The phases are shared with the per-stage (MPMD) pipeline
 (`per_stage.py`); the layout, staleness and cost are discussed in
-docs/ARCHITECTURE_NOTES_pipeline.md.
+docs/architecture/pipeline.md.
 """
 
 import functools

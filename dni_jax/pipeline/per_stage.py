@@ -15,7 +15,7 @@ so it computes what `make_pipeline(...).tick` computes
      received, at the activation it sent last tick.
 
 Device s holds only stage s's modules (no placeholders), and stages compile
-on their own. Why, and what it costs, is in docs/ARCHITECTURE_NOTES_pipeline.md.
+on their own. Why, and what it costs, is in docs/architecture/pipeline.md.
 """
 
 import functools

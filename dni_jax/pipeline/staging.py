@@ -9,7 +9,7 @@ decoupled pipelines; GPipe has none). `stage_trees` and `merge_stages`
 convert between a `FeedForwardState` and these per-stage trees;
 `place_stages` and `slice_stages` add and remove the SPMD pipelines' leading
 stage axis [S, ...] (stage s's values at index s, zero placeholders
-elsewhere; see docs/ARCHITECTURE_NOTES_pipeline.md).
+elsewhere; see docs/architecture/pipeline.md).
 """
 
 import functools
