@@ -70,9 +70,12 @@ def future_chunk(rows: np.ndarray, step: int, unroll: int, horizon: int
 
 
 def boundary_arrays(config: recurrent.RecurrentConfig, params,
-                    state: recurrent.CoreState, future: recurrent.Chunk
-                    ) -> dict[str, jax.Array]:
-  """(a) and the training half of (b) at the carried state. Jittable."""
+                    state: recurrent.CoreState, future: recurrent.Chunk,
+                    state_prev: recurrent.CoreState,
+                    chunk_prev: recurrent.Chunk) -> dict[str, jax.Array]:
+  """(a) and the training half of (b) at the carried state `state`, which
+  the last training step reached from `state_prev` on `chunk_prev` (through
+  which the boundary gradient reaches the core's parameters). Jittable."""
   c = jnp.abs(state[-1])
   row = {'max_abs_c_train': jnp.max(c),
          'runaway_unit': jnp.argmax(jnp.max(c, axis=0)),
@@ -83,10 +86,16 @@ def boundary_arrays(config: recurrent.RecurrentConfig, params,
   next_chunk = recurrent.Chunk(*(a[:, :t] for a in future))
   # Every core emits y = h (the first state tensor) at the boundary.
   y_b = state[0]
+  core_grad = fr.induced_core_grad(config, params, state_prev, chunk_prev)
   for name, fut in (('', future), ('_next_unroll', next_chunk)):
     g_true = fr.future_state_grad(config, params, state, fut)
-    against, _ = fr.sg_against_true(config, params, state, y_b, next_chunk,
-                                    g_true)
+    against, m_pred, target = fr.sg_against_true(config, params, state, y_b,
+                                                 next_chunk, g_true)
+    g_param = core_grad(recurrent.flatten_state(g_true))
+    against['cos_param_grad_sg_true'] = fr.tree_cosine(core_grad(m_pred),
+                                                       g_param)
+    against['cos_param_grad_target_true'] = fr.tree_cosine(
+        core_grad(target), g_param)
     row.update({k + name: v for k, v in against.items()})
   return row
 
@@ -132,7 +141,8 @@ def run_ptb(method: str, seed: int, data: dict[str, ptb.CharStream]
       sg_scale=0.1 if flags.sg_scale is None else flags.sg_scale,
       learning_rate=flags.learning_rate)
   rec = recurrent.make_recurrent(config)
-  diag = jax.jit(lambda p, s, f: boundary_arrays(config, p, s, f))
+  diag = jax.jit(lambda p, s, f, sp, cp: boundary_arrays(config, p, s, f,
+                                                         sp, cp))
   segment = make_eval_segment(config)
   eval_rows = [int(r) for r in flags.eval_rows]
   rows = ptb.train_rows(data['train'].ids, flags.batch_size)
@@ -140,13 +150,20 @@ def run_ptb(method: str, seed: int, data: dict[str, ptb.CharStream]
   horizon = t if lib_method == 'bptt' else flags.horizon
   state = rec.init(jax.random.key(seed), flags.batch_size,
                    jnp.zeros((flags.batch_size, t), jnp.int32))
+  chunk = lambda k: recurrent.Chunk(*map(jnp.asarray,
+                                          ptb.train_chunk(rows, k, t)))
+  is_eval = lambda k: k % flags.eval_every == 0 or k == flags.num_steps
+  # The state before the last step (at step 0: zero, and the parameter
+  # cosines are meaningless; the means below skip step 0).
+  state_prev = tuple(jnp.zeros_like(s) for s in state.carry.core)
   out, bits, start = [], [], time.time()
   for step in range(flags.num_steps + 1):
-    if step % flags.eval_every == 0 or step == flags.num_steps:
+    if is_eval(step):
       row = jax.tree.map(lambda v: round(float(v), 6), jax.device_get(diag(
           state.params, state.carry.core,
           recurrent.Chunk(*map(jnp.asarray,
-                               future_chunk(rows, step, t, horizon))))))
+                               future_chunk(rows, step, t, horizon))),
+          state_prev, chunk(max(step - 1, 0)))))
       row['step'] = step
       if bits:
         row['train_bpc'] = round(float(np.mean(jax.device_get(bits))), 5)
@@ -162,8 +179,9 @@ def run_ptb(method: str, seed: int, data: dict[str, ptb.CharStream]
           or k == 'cos_sg_true'), flush=True)
     if step == flags.num_steps:
       break
-    state, metrics = rec.train_step(state, recurrent.Chunk(
-        *map(jnp.asarray, ptb.train_chunk(rows, step, t))))
+    if is_eval(step + 1):   # The step donates its state: keep a copy.
+      state_prev = tuple(jnp.array(s, copy=True) for s in state.carry.core)
+    state, metrics = rec.train_step(state, chunk(step))
     bits.append(metrics['bits'])
   wall = round(time.time() - start, 1)
   final = out[-1]
@@ -188,7 +206,9 @@ def run_ptb(method: str, seed: int, data: dict[str, ptb.CharStream]
     later = [row for row in out if row['step'] > 0]
     for name in ('cos_sg_true', 'cos_target_true', 'rel_err_sg_true',
                  'rel_err_target_true', 'cos_sg_true_next_unroll',
-                 'cos_target_true_next_unroll'):
+                 'cos_target_true_next_unroll', 'cos_param_grad_sg_true',
+                 'cos_param_grad_target_true',
+                 'cos_param_grad_sg_true_next_unroll'):
       result['final_' + name] = final[name]
       result['mean_' + name] = round(float(np.mean(
           [row[name] for row in later])), 5)

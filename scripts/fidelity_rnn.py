@@ -220,13 +220,13 @@ def true_boundary_grads(config: recurrent.RecurrentConfig, params,
 def sg_against_true(config: recurrent.RecurrentConfig, params,
                     state: recurrent.CoreState, y_b: jax.Array,
                     next_chunk: recurrent.Chunk, g_true: recurrent.CoreState
-                    ) -> tuple[dict[str, jax.Array], jax.Array]:
+                    ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
   """At one unroll boundary (state s_b, the core's output y_b emitted there),
   the synthetic gradient M(y_b) and its bootstrapped target (the library's:
   B * d/ds_b of the next unroll's loss plus <sg_scale M(y_{b+T}), s_{b+T}>)
   against the true per-example gradient `g_true`: cosines and relative
   errors |p - g| / |g| (over the flattened batch). Returns (the numbers,
-  M(y_b) flattened)."""
+  M(y_b) and the target, flattened [B, S])."""
   g = recurrent.flatten_state(g_true)
   m_pred = recurrent.mlp_apply(params['sg'], y_b)
   sg = lambda y: recurrent.split_state(config, recurrent.mlp_apply(
@@ -243,7 +243,29 @@ def sg_against_true(config: recurrent.RecurrentConfig, params,
           'rel_err_sg_true': jnp.linalg.norm(m_pred - g) / g_norm,
           'rel_err_target_true': jnp.linalg.norm(target - g) / g_norm,
           'true_norm': jnp.sqrt(jnp.mean(jnp.sum(g ** 2, -1))),
-          'sg_norm': jnp.sqrt(jnp.mean(jnp.sum(m_pred ** 2, -1)))}, m_pred
+          'sg_norm': jnp.sqrt(jnp.mean(jnp.sum(m_pred ** 2, -1)))
+         }, m_pred, target
+
+
+def induced_core_grad(config: recurrent.RecurrentConfig, params,
+                      state_prev: recurrent.CoreState,
+                      chunk_prev: recurrent.Chunk) -> Callable:
+  """g [B, S] (a per-example boundary gradient) -> the core-parameter
+  gradient it induces through the unroll before the boundary, run from
+  `state_prev` on `chunk_prev` (cotangent g / B): what the update sees, the
+  per-example noise summed over the batch."""
+  batch = chunk_prev.mask.shape[0]
+  _, vjp_core = jax.vjp(
+      lambda core: recurrent.unroll(config, core, state_prev,
+                                    chunk_prev.inputs, chunk_prev.resets)[0],
+      params['core'])
+  return lambda g: vjp_core(recurrent.split_state(config, g / batch))[0]
+
+
+def tree_cosine(a, b) -> jax.Array:
+  """Cosine of two pytrees of the same structure, flattened."""
+  flat = lambda t: jnp.concatenate([v.ravel() for v in jax.tree.leaves(t)])
+  return cosines(flat(a)[None], flat(b)[None])['batch']
 
 
 def recall_diagnostic_arrays(config: recurrent.RecurrentConfig, params,
@@ -269,29 +291,21 @@ def recall_diagnostic_arrays(config: recurrent.RecurrentConfig, params,
   for j, chunk in enumerate(chunks):
     if j > 0:
       g_true = recurrent.flatten_state(true[j - 1])
-      against, m_pred = sg_against_true(config, params, state, y_prev, chunk,
+      against, m_pred, _ = sg_against_true(config, params, state, y_prev, chunk,
                                         true[j - 1])
       # What the update sees: the core-parameter gradient that the boundary
       # gradient induces through the unroll before the boundary (batch sum,
       # per-example noise averages out), SG against the true one.
-      _, vjp_core = jax.vjp(
-          lambda core: recurrent.unroll(config, core, state_prev,
-                                        chunks[j - 1].inputs,
-                                        chunks[j - 1].resets)[0],
-          params['core'])
-      core_grad = lambda g: vjp_core(recurrent.split_state(config,
-                                                           g / batch))[0]
-      through = lambda g: jnp.concatenate([
-          v.ravel() for v in jax.tree.leaves(core_grad(g))])
-      c_p = cosines(through(m_pred)[None], through(g_true)[None])
+      core_grad = induced_core_grad(config, params, state_prev,
+                                    chunks[j - 1])
       # The cue flag's input weights (channel input_size - 2 of the recall
       # task): the only parameters that nothing but the boundary gradient
       # trains.
       flag = lambda g: core_grad(g)['w_x'][config.input_size - 2]
-      c_f = cosines(flag(m_pred)[None], flag(g_true)[None])
       per_boundary.append({
-          'cos_param_grad_sg_true': c_p['batch'],
-          'cos_flag_grad_sg_true': c_f['batch'],
+          'cos_param_grad_sg_true': tree_cosine(core_grad(m_pred),
+                                                core_grad(g_true)),
+          'cos_flag_grad_sg_true': tree_cosine(flag(m_pred), flag(g_true)),
           **against})
     state_prev = state
     state, y_c, _ = recurrent.unroll(config, params['core'], state,
