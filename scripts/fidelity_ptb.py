@@ -22,6 +22,8 @@ Every evaluation, at the parameters of that moment:
       cut-dependence. At the end, the test BPC at the same cuts.
 """
 
+import contextlib
+import functools
 import math
 import time
 from typing import Any
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fidelity_rnn as fr
+from dni_jax import benchmarking
 from dni_jax import recurrent
 from dni_jax.data import ptb
 
@@ -128,18 +131,59 @@ def bpc_and_cell(segment, config, params, ids: np.ndarray, rows: int
   return loss / count / math.log(2.0), max_c
 
 
-def run_ptb(method: str, seed: int, data: dict[str, ptb.CharStream]
-            ) -> dict[str, Any]:
+def model_config(method: str, vocab: int) -> recurrent.RecurrentConfig:
   flags = fr.FLAGS
-  t = flags.long_unroll if method == 'bptt_long' else flags.unroll
-  lib_method = 'bptt' if method == 'bptt_long' else method
-  vocab = len(data['train'].vocab)
-  config = recurrent.RecurrentConfig(
+  return recurrent.RecurrentConfig(
       core=flags.core, input_size=vocab, output_size=vocab,
-      hidden_size=flags.hidden_size, unroll=t, method=lib_method,
+      hidden_size=flags.hidden_size,
+      unroll=flags.long_unroll if method == 'bptt_long' else flags.unroll,
+      method='bptt' if method == 'bptt_long' else method,
       loss='categorical',
       sg_scale=0.1 if flags.sg_scale is None else flags.sg_scale,
       learning_rate=flags.learning_rate)
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+  """`jax.lax.scan` fully unrolled while the block traces: XLA's cost
+  analysis counts a while loop's body once, whatever its trip count (a
+  T-step `recurrent.unroll` would count as one step)."""
+  scan = jax.lax.scan
+  jax.lax.scan = functools.partial(scan, unroll=True)
+  try:
+    yield
+  finally:
+    jax.lax.scan = scan
+
+
+def step_costs(methods: list[str], vocab: int) -> dict[str, dict[str, Any]]:
+  """XLA's FLOP count of one training step per method at --hidden_size and
+  --batch_size (compiled with the scans unrolled, not run)."""
+  batch, out = fr.FLAGS.batch_size, {}
+  for method in methods:
+    config = model_config(method, vocab)
+    rec = recurrent.make_recurrent(config)
+    t = config.unroll
+    state = jax.eval_shape(lambda t=t: rec.init(
+        jax.random.key(0), batch, jnp.zeros((batch, t), jnp.int32)))
+    ints = jax.ShapeDtypeStruct((batch, t), jnp.int32)
+    floats = jax.ShapeDtypeStruct((batch, t), jnp.float32)
+    with unrolled_scans():
+      flops = benchmarking.compiled_flops(
+          jax.jit(functools.partial(recurrent.train_step, config)), state,
+          recurrent.Chunk(ints, ints, floats, floats))
+    out[method] = {'unroll': t, 'hidden_size': config.hidden_size,
+                   'batch_size': batch, 'characters_per_step': batch * t,
+                   'gflop_per_step': None if flops is None
+                   else float(f'{flops / 1e9:.4g}')}
+  return out
+
+
+def run_ptb(method: str, seed: int, data: dict[str, ptb.CharStream]
+            ) -> dict[str, Any]:
+  flags = fr.FLAGS
+  config = model_config(method, len(data['train'].vocab))
+  t, lib_method = config.unroll, config.method
   rec = recurrent.make_recurrent(config)
   diag = jax.jit(lambda p, s, f, sp, cp: boundary_arrays(config, p, s, f,
                                                          sp, cp))

@@ -116,6 +116,9 @@ flags.DEFINE_integer('horizon', 20, 'ptb: K, characters of full BPTT behind '
                      'the true boundary gradient (a multiple of --unroll).')
 flags.DEFINE_list('eval_rows', ['64', '1'], 'ptb: validation BPC with the '
                   'text cut into each of these numbers of streams.')
+flags.DEFINE_bool('cost_only', False, 'ptb: print XLA\'s FLOP count of one '
+                  'training step per method (compiled, not run) and exit; '
+                  'writes nothing.')
 flags.DEFINE_string('plot', None, 'Write the summary plot (PNG) here.')
 FLAGS = flags.FLAGS
 
@@ -639,11 +642,18 @@ def main(argv):
       if value is not None and not (value > 0 and math.isfinite(value)):
         raise ValueError(f'--{name}={value}: must be a positive finite number')
     data = None
+    if FLAGS.cost_only and FLAGS.experiment != 'ptb':
+      raise ValueError(f'--cost_only is for --experiment=ptb (got '
+                       f'--experiment={FLAGS.experiment})')
     if FLAGS.experiment == 'recall':
       check_recall(FLAGS.unroll, FLAGS.delay, FLAGS.bits)
     elif FLAGS.experiment == 'ptb':
       fp.check_flags(FLAGS)
       data = fp.load_data(FLAGS.data_dir)   # Before anything is written.
+      if FLAGS.cost_only:
+        print(json.dumps(fp.step_costs(methods, len(data['train'].vocab)),
+                         indent=1))
+        return
     else:
       block = FLAGS.tick ** 2
       for name in ('num_steps', 'eval_every'):

@@ -495,7 +495,23 @@ def test_ptb_runs_resumes_and_summarises(tmp_path, capsys):
   assert os.path.getmtime(os.path.join(out, 'dni_seed1.json')) == mtime
 
 
+def test_ptb_cost_only_prints_flops_and_writes_nothing(tmp_path, capsys):
+  data = _char_files(tmp_path / 'data')
+  workdir = str(tmp_path / 'fid')
+  capsys.readouterr()
+  _main(f'--workdir={workdir}', f'--data_dir={data}', '--experiment=ptb',
+        '--cost_only', '--methods=bptt,dni_aux,bptt_long', '--unroll=2',
+        '--long_unroll=4', '--hidden_size=6', '--batch_size=4')
+  costs = json.loads(capsys.readouterr().out)
+  assert costs['bptt_long']['characters_per_step'] == 16
+  assert (costs['dni_aux']['gflop_per_step'] > costs['bptt']['gflop_per_step']
+          > 0)
+  assert not os.path.exists(workdir)
+
+
 @pytest.mark.parametrize('args, message', [
+    (['--experiment=recall', '--cost_only'],
+     '--cost_only is for --experiment=ptb'),
     (['--experiment=ptb', '--methods=dni,backprop'],
      "--methods: 'backprop' is not one of bptt, dni, dni_aux, bptt_long"),
     (['--experiment=ptb', '--unroll=5', '--horizon=12'],
