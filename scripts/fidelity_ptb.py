@@ -90,6 +90,9 @@ def boundary_arrays(config: recurrent.RecurrentConfig, params,
   # Every core emits y = h (the first state tensor) at the boundary.
   y_b = state[0]
   core_grad = fr.induced_core_grad(config, params, state_prev, chunk_prev)
+  task = jnp.maximum(tree_norm(recurrent.unroll_gradients(
+      config, params, state_prev, chunk_prev,
+      tuple(jnp.zeros_like(s) for s in state_prev)).grads['core']), 1e-30)
   for name, fut in (('', future), ('_next_unroll', next_chunk)):
     g_true = fr.future_state_grad(config, params, state, fut)
     against, m_pred, target = fr.sg_against_true(config, params, state, y_b,
@@ -99,8 +102,17 @@ def boundary_arrays(config: recurrent.RecurrentConfig, params,
                                                        g_param)
     against['cos_param_grad_target_true'] = fr.tree_cosine(
         core_grad(target), g_param)
+    against['param_grad_norm_true_over_task'] = tree_norm(g_param) / task
     row.update({k + name: v for k, v in against.items()})
+  # The size of what the consumed synthetic gradient adds to the core's
+  # update, against the unroll's own (truncated) loss gradient.
+  row['param_grad_norm_sg_over_task'] = tree_norm(
+      core_grad(config.sg_scale * m_pred)) / task
   return row
+
+
+def tree_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(tree)))
 
 
 def make_eval_segment(config: recurrent.RecurrentConfig):
@@ -252,7 +264,9 @@ def run_ptb(method: str, seed: int, data: dict[str, ptb.CharStream]
                  'rel_err_target_true', 'cos_sg_true_next_unroll',
                  'cos_target_true_next_unroll', 'cos_param_grad_sg_true',
                  'cos_param_grad_target_true',
-                 'cos_param_grad_sg_true_next_unroll'):
+                 'cos_param_grad_sg_true_next_unroll',
+                 'param_grad_norm_sg_over_task',
+                 'param_grad_norm_true_over_task'):
       result['final_' + name] = final[name]
       result['mean_' + name] = round(float(np.mean(
           [row[name] for row in later])), 5)

@@ -395,6 +395,12 @@ def test_ptb_boundary_diagnostic_against_own_gradients(method):
                                    for v in jax.tree.leaves(g)])
   through = lambda g: tree(jax.grad(lambda f: jnp.sum(
       jnp.concatenate(run_prev(f), -1) * g) / batch)(params['core']))
+  # Norms of the induced parameter gradients are against the previous
+  # unroll's own loss gradient (w.r.t. the core, the previous targets).
+  task = np.linalg.norm(tree(jax.grad(lambda f: _char_loss(
+      {**params, 'core': f}, state_prev, prev_chunk.inputs,
+      prev_chunk.targets, np.zeros((batch, unroll)), vocab)[0])(
+          params['core'])))
   for suffix, k in (('', horizon), ('_next_unroll', unroll)):
     future_loss = lambda s, k=k: _char_loss(
         params, s, inputs[:, :k], targets[:, :k], resets[:, :k], vocab)[0]
@@ -408,10 +414,16 @@ def test_ptb_boundary_diagnostic_against_own_gradients(method):
                        ('cos_param_grad_sg_true',
                         cos(through(m), true_param)),
                        ('cos_param_grad_target_true',
-                        cos(through(target), true_param))):
+                        cos(through(target), true_param)),
+                       ('param_grad_norm_true_over_task',
+                        np.linalg.norm(true_param) / task)):
       np.testing.assert_allclose(got[name + suffix], want, rtol=2e-4,
                                  atol=1e-6, err_msg=name + suffix)
   assert abs(got['cos_sg_true']) > 1e-2 and got['rel_err_target_true'] > 1e-3
+  np.testing.assert_allclose(got['param_grad_norm_sg_over_task'],
+                             np.linalg.norm(through(0.1 * m)) / task,
+                             rtol=2e-4)
+
   c = np.abs(np.asarray(state[1]))
   np.testing.assert_allclose(got['max_abs_c_train'], c.max())
   assert got['runaway_unit'] == c.max(0).argmax()
