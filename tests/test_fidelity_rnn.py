@@ -253,12 +253,17 @@ def test_recall_runs_resumes_and_summarises(tmp_path, capsys):
   assert {'final_cos_sg_true', 'final_cos_param_grad_sg_true',
           'final_tail_cos_param_grad_sg_true'} <= set(summary['dni_aux'])
   assert os.path.getsize(plot) > 0
-  # A second call finds every run done and recomputes nothing.
-  mtime = os.path.getmtime(os.path.join(out, 'dni_seed1.json'))
+  _rerun_skips(capsys, os.path.join(out, 'dni_seed1.json'),
+               '--experiment=recall', f'--workdir={workdir}', *_TINY_RECALL)
+
+
+def _rerun_skips(capsys, run_file, *args):
+  """A second call finds every run done and recomputes nothing."""
+  mtime = os.path.getmtime(run_file)
   capsys.readouterr()
-  _main('--experiment=recall', f'--workdir={workdir}', *_TINY_RECALL)
+  _main(*args)
   assert 'seed' not in capsys.readouterr().out.split('{')[0]
-  assert os.path.getmtime(os.path.join(out, 'dni_seed1.json')) == mtime
+  assert os.path.getmtime(run_file) == mtime
 
 
 def test_multinet_runs_with_probe_and_state_reading_m(tmp_path):
@@ -500,11 +505,8 @@ def test_ptb_runs_resumes_and_summarises(tmp_path, capsys):
   assert {'final_cos_sg_true', 'mean_cos_target_true',
           'peak_max_abs_c_train'} <= set(summary['dni'])
   assert os.path.getsize(plot) > 0
-  mtime = os.path.getmtime(os.path.join(out, 'dni_seed1.json'))
-  capsys.readouterr()
-  _main(f'--workdir={workdir}', f'--data_dir={data}', *_TINY_PTB)
-  assert 'step' not in capsys.readouterr().out.split('{')[0]
-  assert os.path.getmtime(os.path.join(out, 'dni_seed1.json')) == mtime
+  _rerun_skips(capsys, os.path.join(out, 'dni_seed1.json'),
+               f'--workdir={workdir}', f'--data_dir={data}', *_TINY_PTB)
 
 
 def test_ptb_cost_only_prints_flops_and_writes_nothing(tmp_path, capsys):
