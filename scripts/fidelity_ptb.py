@@ -14,6 +14,10 @@ Every evaluation, at the parameters of that moment:
       per-example gradient B * dL/ds_b of the loss of the next K = --horizon
       training characters (full BPTT through them) and of the next T only
       (`fidelity_rnn.sg_against_true`, shared with the recall experiment);
+      the cosine of the core-parameter gradients they induce through the
+      previous unroll, and the size of those induced by the consumed
+      sg_scale * M(y_b) and by the true gradient against the unroll's own
+      loss gradient;
   (b) max |c| of the carried training state (and which unit), and of the
       evaluation state over the whole validation pass, per cut;
   (c) validation BPC with the text cut into each of --eval_rows streams
