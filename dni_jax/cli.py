@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
+from absl import flags
+
 from dni_jax import training
 
 # DataError, WorkdirError and bad settings are ValueErrors; a run that goes
@@ -80,3 +82,13 @@ def experiment_from_flags(experiment: type, flag_values: Any,
       value = convert[field.name](field.name, value)
     kwargs[field.name] = value
   return experiment(**kwargs)
+
+
+def define_workdir_flags() -> None:
+  """--workdir and --overwrite, the same in every training script."""
+  flags.DEFINE_string('workdir', None, 'Output directory (required).')
+  flags.DEFINE_bool('overwrite', False,
+                    'Start again in a workdir that holds a run of this '
+                    'project and nothing else (its run entries are deleted '
+                    'once flags and data are valid; a folder with other '
+                    'files is refused).')

@@ -1,6 +1,7 @@
 """Experiment entry points the scripts call: settings in, workdir out."""
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -79,8 +80,7 @@ class FeedForwardExperiment:
   def __post_init__(self):
     """Checks what is the experiment's own (data, loop, devices, pipeline);
     the network's settings are checked by building its config, once."""
-    def bad(flag, msg):
-      raise ValueError(f'--{flag}={getattr(self, flag)}: {msg}')
+    bad = functools.partial(training.refuse, self)
     if self.dataset not in data.DATASETS:
       bad('dataset', f'must be one of {", ".join(data.DATASETS)}')
     if self.data_source not in ('files', 'tfds'):
@@ -89,8 +89,7 @@ class FeedForwardExperiment:
         'num_steps', 'eval_every', 'log_every', 'checkpoint_every',
         'batch_size', 'hidden_size', 'sg_hidden_size', 'num_devices'))
     training.check_at_most(self, LIMITS)
-    if self.seed < 0:
-      bad('seed', 'must be >= 0')
+    training.check_non_negative(self, ('seed',))
     if not self.workdir:
       bad('workdir', 'is required')
     parallel.validate_distributed(self.coordinator_address,

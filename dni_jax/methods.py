@@ -37,10 +37,10 @@ def flag_values(module_methods: Sequence[str]) -> list[str]:
 
 
 def to_module(name: str, module_methods: Sequence[str], flag: str) -> str:
-  """The module's spelling of `name` (given in either spelling); ValueError
-  naming `flag` for a name that is neither."""
+  """The module's spelling of `name` (a name of the vocabulary or the
+  module's own spelling); ValueError naming `flag` for any other."""
   for method in module_methods:
-    if canonical(method) == canonical(name):
+    if name in (method, canonical(method)):
       return method
   aliases = [m for m in module_methods if canonical(m) != m]
   raise ValueError(

@@ -1,17 +1,17 @@
 """The multi-network experiment (Sec. 3.3, A.4) behind
 `scripts/train_multinet.py`: settings in, workdir out.
 
-The workdir contract of `training.fit` (config.json, metrics.jsonl with `step`,
+The run is `training.train`'s (config.json, metrics.jsonl with `step`,
 result.json written last and atomically, orbax checkpoints, resume, stop on a
-signal). A *step* is one time step of Network A (one digit per stream); the
-loop advances one block of T^2 steps at a time, so --num_steps, --eval_every,
---log_every and --checkpoint_every must be multiples of T^2. The digit stream
-depends only on (seed, block index), so a resumed run sees the same digits as
-an uninterrupted one.
+signal or a non-finite metric). A *step* is one time step of Network A (one
+digit per stream); the loop advances one block of T^2 steps at a time, so
+--num_steps, --eval_every, --log_every and --checkpoint_every must be
+multiples of T^2. The digit stream depends only on (seed, block index), so a
+resumed run sees the same digits as an uninterrupted one.
 """
 
 import dataclasses
-import math
+import functools
 import os
 from typing import Any
 
@@ -63,8 +63,7 @@ class MultinetExperiment:
   overwrite: bool = False
 
   def __post_init__(self):
-    def bad(flag, msg):
-      raise ValueError(f'--{flag}={getattr(self, flag)}: {msg}')
+    bad = functools.partial(training.refuse, self)
     if not self.workdir:
       raise ValueError('--workdir is required')
     if not self.data_dir:
@@ -88,17 +87,11 @@ class MultinetExperiment:
       if value is not None and value % block:
         bad(flag, f'must be a multiple of tick^2 = {block} (the loop advances '
             f'one block of tick^2 steps at a time)')
-    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-      bad('learning_rate', 'must be a positive finite number')
-    if self.sg_scale is not None:
-      if self.mode != 'dni':
-        raise ValueError(f'--sg_scale needs synthetic gradients: use '
-                         f'--mode=dni (got '
-                         f'--mode={methods.canonical(self.mode)})')
-      if not (self.sg_scale > 0 and math.isfinite(self.sg_scale)):
-        bad('sg_scale', 'must be a positive finite number')
-    if self.seed < 0:
-      bad('seed', 'must be >= 0')
+    if self.sg_scale is not None and self.mode != 'dni':
+      raise ValueError('--sg_scale needs synthetic gradients: use --mode=dni '
+                       f'(got --mode={methods.canonical(self.mode)})')
+    training.check_positive_finite(self, ('learning_rate', 'sg_scale'))
+    training.check_non_negative(self, ('seed',))
 
   @property
   def resolved(self) -> dict[str, Any]:

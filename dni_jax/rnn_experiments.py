@@ -1,13 +1,15 @@
 """Recurrent experiments (Sec. 3.2, A.3) behind `scripts/train_rnn.py`:
 settings in, workdir out.
 
-The loop is `training.fit`'s contract (config.json, metrics.jsonl with `step`,
+The run is `training.train`'s (config.json, metrics.jsonl with `step`,
 result.json written last and atomically, orbax checkpoints, resume, stop on a
-signal) with what recurrent training adds: the carried RNN state, the position
-in the data stream and the curriculum level live in the checkpoint.
+signal or a non-finite metric) with what recurrent training adds: the carried
+RNN state, the position in the data stream and the curriculum level live in
+the checkpoint.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -59,8 +61,7 @@ class RecurrentExperiment:
   num_devices: int | None = 1
 
   def __post_init__(self):
-    def bad(flag, msg):
-      raise ValueError(f'--{flag}={getattr(self, flag)}: {msg}')
+    bad = functools.partial(training.refuse, self)
     if not self.workdir:
       raise ValueError('--workdir is required')
     if self.task not in TASKS:
@@ -79,11 +80,7 @@ class RecurrentExperiment:
         'batch_size': (65536, 'the paper uses 256 streams'),
         'eval_rows': (65536, 'evaluation streams'),
     })
-    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-      bad('learning_rate', 'must be a positive finite number')
-    if self.sg_scale is not None and not (
-        self.sg_scale > 0 and math.isfinite(self.sg_scale)):
-      bad('sg_scale', 'must be a positive finite number')
+    training.check_positive_finite(self, ('learning_rate', 'sg_scale'))
     if self.method == 'bptt' and (self.sg_scale is not None
                                   or self.sg_into_core):
       raise ValueError('--sg_scale/--sg_into_core need synthetic gradients; '
@@ -97,8 +94,7 @@ class RecurrentExperiment:
       if self.eval_rows is not None:
         raise ValueError(f'--eval_rows is for --task=ptb; got '
                          f'--task={self.task}')
-    if self.seed < 0:
-      bad('seed', 'must be >= 0')
+    training.check_non_negative(self, ('seed',))
     if self.num_devices is not None:
       if self.num_devices < 1:
         bad('num_devices', 'must be a positive integer')

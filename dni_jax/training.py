@@ -1,4 +1,5 @@
-"""The training loop every script shares: workdir contract, metrics, checkpoints.
+"""The run harness every script shares (`open_workdir`, then `train`): the
+workdir contract, restore, the loop, metrics, result, health checks.
 
 A workdir holds
   config.json     every flag value of the run;
@@ -30,7 +31,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, NoReturn
 
 from absl import logging
 import jax
@@ -117,6 +118,28 @@ def check_positive_flags(settings: Any, names: tuple[str, ...]) -> None:
     value = getattr(settings, name)
     if value is not None and value < 1:
       raise ValueError(f'--{name}={value}: must be a positive integer')
+
+
+def refuse(settings: Any, name: str, why: str) -> NoReturn:
+  """Raises ValueError `--name=value: why` for the flag `name` (an attribute
+  of `settings`)."""
+  raise ValueError(f'--{name}={getattr(settings, name)}: {why}')
+
+
+def check_positive_finite(settings: Any, names: tuple[str, ...]) -> None:
+  """Refuses the first of `names` that is set but not a positive finite
+  number."""
+  for name in names:
+    value = getattr(settings, name)
+    if value is not None and not (value > 0 and math.isfinite(value)):
+      refuse(settings, name, 'must be a positive finite number')
+
+
+def check_non_negative(settings: Any, names: tuple[str, ...]) -> None:
+  """Refuses the first of `names` that is negative (a seed, say)."""
+  for name in names:
+    if getattr(settings, name) < 0:
+      refuse(settings, name, 'must be >= 0')
 
 
 class WorkdirError(ValueError):

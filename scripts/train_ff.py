@@ -16,7 +16,7 @@ from dni_jax import experiments
 from dni_jax import feedforward
 
 _D = experiments.FeedForwardExperiment
-flags.DEFINE_string('workdir', None, 'Output directory (required).')
+cli.define_workdir_flags()
 flags.DEFINE_enum('dataset', _D.dataset, list(data.DATASETS), 'Dataset.')
 flags.DEFINE_string('data_dir', None,
                     'Folder with the IDX files (MNIST, Fashion-MNIST) or '
@@ -77,10 +77,6 @@ flags.DEFINE_integer('log_every', _D.log_every, 'Log progress every N steps.')
 flags.DEFINE_integer('checkpoint_every', _D.checkpoint_every,
                      'Checkpoint every N steps (and at the end).')
 flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and data order.')
-flags.DEFINE_bool('overwrite', _D.overwrite,
-                  'Start again in a workdir that holds a run of this project '
-                  'and nothing else (its run entries are deleted once flags '
-                  'and data are valid; a folder with other files is refused).')
 flags.DEFINE_integer('num_devices', None,
                      'Data parallelism: split each batch over this many local '
                      'devices (default: all; --batch_size must divide over '
@@ -126,16 +122,19 @@ def _int_list(flag: str, values: list[str]) -> tuple[int, ...]:
                      'list of integers') from None
 
 
+# Flags whose values are not the experiment's: comma-separated lists.
+CONVERT = {'dni_layers': lambda flag, v: None if v is None
+           else _int_list(flag, v),
+           'lr_boundaries': _int_list}
+
+
 def main(argv):
   cli.no_positional_arguments(argv)
   with cli.one_line_errors('train_ff.py'):
     if not FLAGS.workdir:
       raise ValueError('--workdir is required')
-    exp = cli.experiment_from_flags(
-        experiments.FeedForwardExperiment, FLAGS,
-        convert={'dni_layers': lambda flag, v: None if v is None
-                 else _int_list(flag, v),
-                 'lr_boundaries': _int_list})
+    exp = cli.experiment_from_flags(experiments.FeedForwardExperiment, FLAGS,
+                                    convert=CONVERT)
     if exp.pipeline:
       # Only the CPU backend reads this: one fake CPU device per stage.
       jax.config.update('jax_num_cpu_devices',

@@ -24,7 +24,7 @@ from dni_jax import multinet
 from dni_jax import multinet_experiments
 
 _D = multinet_experiments.MultinetExperiment
-flags.DEFINE_string('workdir', None, 'Output directory (required).')
+cli.define_workdir_flags()
 flags.DEFINE_string('data_dir', None,
                     'Folder with the MNIST IDX files (train-images-idx3-ubyte'
                     '[.gz], ...); required.')
@@ -56,10 +56,6 @@ flags.DEFINE_integer('eval_blocks', _D.eval_blocks,
                      'Blocks of tick^2 test steps scored per stream per '
                      'evaluation (after one unscored burn-in block).')
 flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and streams.')
-flags.DEFINE_bool('overwrite', _D.overwrite,
-                  'Start again in a workdir that holds a run of this project '
-                  'and nothing else (its run entries are deleted once flags '
-                  'and data are valid; a folder with other files is refused).')
 FLAGS = flags.FLAGS
 
 

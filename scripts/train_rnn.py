@@ -21,7 +21,7 @@ from dni_jax import recurrent
 from dni_jax import rnn_experiments
 
 _D = rnn_experiments.RecurrentExperiment
-flags.DEFINE_string('workdir', None, 'Output directory (required).')
+cli.define_workdir_flags()
 flags.DEFINE_enum('task', _D.task, list(rnn_experiments.TASKS),
                   'copy | repeat_copy (curriculum, A.3) | ptb (character-level '
                   'Penn Treebank, bits per character).')
@@ -61,10 +61,6 @@ flags.DEFINE_integer('eval_rows', None,
                      'contiguous streams, every character scored once '
                      '(default 64, whatever --batch_size is).')
 flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and data.')
-flags.DEFINE_bool('overwrite', _D.overwrite,
-                  'Start again in a workdir that holds a run of this project '
-                  'and nothing else (its run entries are deleted once flags '
-                  'and data are valid; a folder with other files is refused).')
 flags.DEFINE_integer('num_devices', None,
                      'Data parallelism: split the streams over this many '
                      'local devices (default: all; --batch_size and '
