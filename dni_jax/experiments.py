@@ -270,41 +270,45 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
   train, test = loaded
   config = exp.model_config(input_shape=tuple(train.images.shape[1:]),
                             num_classes=train.num_classes)
+  # Fig. 10's diagnostics, on a fixed batch of test examples at every
+  # evaluation.
+  probe = (test.images[:exp.batch_size], test.labels[:exp.batch_size])
   if exp.pipeline:
-    return _train_pipeline(exp, config, train, test)
-  if mesh.size == 1:
-    ff, fit_mesh = feedforward.make_feedforward(config), None
+    step, fit_mesh = _pipeline_step(exp, config, probe), None
+    extra = {'pipeline': exp.pipeline,
+             'pipeline_stages': len(exp.pipeline_boundaries) + 1,
+             'pipeline_programs': exp.pipeline_programs,
+             'pipeline_boundaries': list(exp.pipeline_boundaries)}
   else:
-    ff, fit_mesh = parallel.make_data_parallel(config, mesh), mesh
-    logging.info('data parallel over %d devices in %d processes', mesh.size,
-                 jax.process_count())
-  diagnostics = None
-  if config.interfaces:
-    # Fig. 10, on a fixed batch of test examples at every evaluation.
-    probe = (test.images[:exp.batch_size], test.labels[:exp.batch_size])
-    if fit_mesh is not None:
+    if mesh.size == 1:
+      ff, fit_mesh = feedforward.make_feedforward(config), None
+    else:
+      ff, fit_mesh = parallel.make_data_parallel(config, mesh), mesh
+      logging.info('data parallel over %d devices in %d processes', mesh.size,
+                   jax.process_count())
       probe = parallel.place_batch(fit_mesh, *probe)
-    diagnostics = lambda state: ff.diagnostics(state, *probe)
-  loop = exp.loop_config()
+    step = dict(init_state=ff.init(jax.random.key(exp.seed)),
+                train_step=ff.train_step, eval_batch=ff.eval_batch,
+                diagnostics=lambda state: ff.diagnostics(state, *probe))
+    extra = {'num_devices': mesh.size,
+             'num_processes': jax.process_count()}
+  if not config.interfaces:
+    step['diagnostics'] = None
   return training.fit(
-      workdir=exp.workdir, loop=loop,
-      init_state=ff.init(jax.random.key(exp.seed)),
-      train_step=ff.train_step, eval_batch=ff.eval_batch,
+      workdir=exp.workdir, loop=exp.loop_config(),
       train_data=(train.images, train.labels),
-      test_data=(test.images, test.labels),
-      diagnostics=diagnostics,
-      mesh=fit_mesh,
+      test_data=(test.images, test.labels), mesh=fit_mesh,
       extra_result={'method': exp.method, 'num_layers': exp.num_layers,
                     'dataset': exp.dataset,
-                    'device': jax.devices()[0].device_kind,
-                    'num_devices': mesh.size,
-                    'num_processes': jax.process_count()})
+                    'device': jax.devices()[0].device_kind, **extra},
+      **step)
 
 
-def _train_pipeline(exp: FeedForwardExperiment,
-                    config: feedforward.FeedForwardConfig, train, test) -> dict:
-  """`training.fit` with a pipeline's step: the decoupled DNI pipeline (one
-  tick per batch) or the backprop pipeline, one stage per local device."""
+def _pipeline_step(exp: FeedForwardExperiment,
+                   config: feedforward.FeedForwardConfig, probe) -> dict:
+  """`training.fit`'s init_state, train_step, eval_batch and diagnostics of
+  a pipeline: the decoupled DNI pipeline (one tick per batch) or the
+  backprop pipeline, one stage per local device."""
   boundaries = exp.pipeline_boundaries
   mesh = pipeline_lib.stage_mesh(len(boundaries) + 1)
   if exp.pipeline_programs == 'per_stage':
@@ -333,24 +337,9 @@ def _train_pipeline(exp: FeedForwardExperiment,
     return state, jax.device_put(metrics, first)
   logging.info('%s pipeline: %d stages ending after layers %s on %s',
                exp.pipeline, mesh.size, boundaries, mesh.devices.tolist())
-  diagnostics = None
-  if config.interfaces:
-    probe = (test.images[:exp.batch_size], test.labels[:exp.batch_size])
-    ff = feedforward.make_feedforward(config)
-    diagnostics = lambda state: ff.diagnostics(pipe.to_feedforward(place(
-        state)), *probe)
-  loop = exp.loop_config()
-  return training.fit(
-      workdir=exp.workdir, loop=loop,
-      init_state=pipe.init(jax.random.key(exp.seed)),
-      train_step=train_step,
+  ff = feedforward.make_feedforward(config)
+  return dict(
+      init_state=pipe.init(jax.random.key(exp.seed)), train_step=train_step,
       eval_batch=lambda state, x, y: pipe.eval_batch(place(state), x, y),
-      train_data=(train.images, train.labels),
-      test_data=(test.images, test.labels),
-      diagnostics=diagnostics,
-      extra_result={'method': exp.method, 'num_layers': exp.num_layers,
-                    'dataset': exp.dataset,
-                    'device': jax.devices()[0].device_kind,
-                    'pipeline': exp.pipeline, 'pipeline_stages': mesh.size,
-                    'pipeline_programs': exp.pipeline_programs,
-                    'pipeline_boundaries': list(boundaries)})
+      diagnostics=lambda state: ff.diagnostics(
+          pipe.to_feedforward(place(state)), *probe))
