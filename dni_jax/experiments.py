@@ -81,6 +81,8 @@ class FeedForwardExperiment:
     """Checks what is the experiment's own (data, loop, devices, pipeline);
     the network's settings are checked by building its config, once."""
     bad = functools.partial(training.refuse, self)
+    if not self.workdir:
+      raise ValueError('--workdir is required')
     if self.dataset not in data.DATASETS:
       bad('dataset', f'must be one of {", ".join(data.DATASETS)}')
     if self.data_source not in ('files', 'tfds'):
@@ -90,8 +92,6 @@ class FeedForwardExperiment:
         'batch_size', 'hidden_size', 'sg_hidden_size', 'num_devices'))
     training.check_at_most(self, LIMITS)
     training.check_non_negative(self, ('seed',))
-    if not self.workdir:
-      bad('workdir', 'is required')
     parallel.validate_distributed(self.coordinator_address,
                                   self.num_processes, self.process_id)
     self._validate_pipeline()

@@ -131,8 +131,6 @@ CONVERT = {'dni_layers': lambda flag, v: None if v is None
 def main(argv):
   cli.no_positional_arguments(argv)
   with cli.one_line_errors('train_ff.py'):
-    if not FLAGS.workdir:
-      raise ValueError('--workdir is required')
     exp = cli.experiment_from_flags(experiments.FeedForwardExperiment, FLAGS,
                                     convert=CONVERT)
     if exp.pipeline:
