@@ -495,3 +495,59 @@ def test_scripts_build_the_experiment_from_flags_of_the_same_names(
     finally:
       module.FLAGS.unparse_flags()
   assert exp == experiment(workdir='w', **same_as)
+
+
+@pytest.mark.parametrize('kind', ['recurrent', 'multinet'])
+def test_recurrent_and_multinet_runs_stop_on_a_non_finite_metric(
+    tmp_path, monkeypatch, kind):
+  """The harness's health check guards every script's run: a NaN metric at
+  one step stops it there, and nothing after the last good checkpoint is
+  saved."""
+  import conftest  # pylint: disable=g-import-not-at-top
+  from dni_jax import multinet  # pylint: disable=g-import-not-at-top
+  from dni_jax import multinet_experiments  # pylint: disable=g-import-not-at-top
+  from dni_jax import recurrent  # pylint: disable=g-import-not-at-top
+  from dni_jax import rnn_experiments  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  calls = {'n': 0}
+  if kind == 'recurrent':
+    real = recurrent.make_recurrent
+    def make(config):
+      rec = real(config)
+      def step(state, chunk):
+        calls['n'] += 1
+        state, metrics = rec.train_step(state, chunk)
+        if calls['n'] == 3:
+          metrics = {**metrics, 'aux_loss': jnp.inf}
+        return state, metrics
+      return rec._replace(train_step=step)
+    monkeypatch.setattr(recurrent, 'make_recurrent', make)
+    exp = rnn_experiments.RecurrentExperiment(
+        workdir=str(workdir), task='copy', hidden_size=8, unroll=2,
+        batch_size=4, num_steps=8, eval_every=2, log_every=4,
+        checkpoint_every=2)
+    run, bad_step, kept = rnn_experiments.train_recurrent, 3, ['2']
+  else:
+    real = multinet.make_multinet
+    def make(config):
+      net = real(config)
+      def block(state_a, state_b, stream_block):
+        calls['n'] += 1
+        state_a, state_b, metrics = net.train_block(state_a, state_b,
+                                                    stream_block)
+        if calls['n'] == 2:
+          metrics = {**metrics, 'b_loss': jnp.nan}
+        return state_a, state_b, metrics
+      return net._replace(train_block=block)
+    monkeypatch.setattr(multinet, 'make_multinet', make)
+    exp = multinet_experiments.MultinetExperiment(
+        workdir=str(workdir),
+        data_dir=conftest.write_mnist_like(str(tmp_path / 'mnist'), 64, 32),
+        tick=2, hidden_size=8, batch_size=4, num_steps=16, eval_every=4,
+        log_every=8, checkpoint_every=4, eval_streams=4, eval_blocks=1)
+    run, bad_step, kept = multinet_experiments.train_multinet, 8, ['4']
+  with pytest.raises(training.TrainingError,
+                     match=f'non-finite .* at step {bad_step}; stopped'):
+    run(exp)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == kept
+  assert not (workdir / 'result.json').exists()
