@@ -201,11 +201,22 @@ class FeedForwardExperiment:
           stale_decay=self.stale_decay, batch_size=self.batch_size,
           seed=self.seed)
     except ValueError as e:
-      text = str(e).removeprefix('FeedForwardConfig: ')
-      name = re.match(r'\w*', text).group()
-      if name in {f.name for f in dataclasses.fields(self)}:
-        text = '--' + text
-      raise ValueError(text) from None
+      raise ValueError(self._as_flags(str(e))) from None
+
+  def _as_flags(self, message: str) -> str:
+    """A FeedForwardConfig error in flag words: `dni_layers=(2, 1) must ...`
+    -> `--dni_layers=2,1 must ...`, `method='sgd'` -> `--method=sgd`."""
+    names = '|'.join(f.name for f in dataclasses.fields(self))
+
+    def flag(match):
+      value = match.group(2).strip("'")
+      if value.startswith('('):
+        value = ','.join(v.strip() for v in value.strip('()').split(',')
+                         if v.strip())
+      return f'--{match.group(1)}={value}'
+    text = message.removeprefix('FeedForwardConfig: ')
+    text = re.sub(rf'\b({names})=(\([^)]*\)|[^\s,;:]+)', flag, text)
+    return re.sub(rf'^({names})\b', r'--\1', text)
 
   def loop_config(self) -> training.LoopConfig:
     return training.LoopConfig(

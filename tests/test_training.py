@@ -551,3 +551,22 @@ def test_recurrent_and_multinet_runs_stop_on_a_non_finite_metric(
     run(exp)
   assert sorted(os.listdir(workdir / 'checkpoints')) == kept
   assert not (workdir / 'result.json').exists()
+
+
+@pytest.mark.parametrize('settings, message', [
+    (dict(num_layers=1), '--num_layers=1 must be >= 2'),
+    (dict(dni_layers=(2, 1)), '--dni_layers=2,1 must be strictly increasing'),
+    (dict(method='bprop', dni_layers=(1,)),
+     '--dni_layers is set but --method=bprop has no interfaces'),
+    (dict(model='cnn', synthetic_inputs=True),
+     '--synthetic_inputs is implemented for --model=fcn only'),
+    (dict(method='sgd'), '--method=sgd is not one of'),
+    (dict(lr_boundaries=(5, 3)), '--lr_boundaries=5,3 must be positive'),
+])
+def test_network_settings_are_checked_by_the_config_in_flag_words(
+    settings, message):
+  """FeedForwardExperiment leaves the network's settings to
+  FeedForwardConfig (one check each) and names the flags in its errors."""
+  with pytest.raises(ValueError) as info:
+    experiments.FeedForwardExperiment(workdir='w', **settings)
+  assert str(info.value).startswith(message)
