@@ -8,9 +8,12 @@ code 130, no traceback, no crash of the compiler threads at exit).
 """
 
 import contextlib
+import dataclasses
 import os
 import sys
-from typing import Iterator, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
+
+from absl import flags
 
 from dni_jax import training
 
@@ -62,3 +65,30 @@ def no_positional_arguments(argv: Sequence[str]) -> None:
     fail(os.path.basename(argv[0]),
          f'unexpected argument(s): {" ".join(argv[1:])} (flags are written '
          '--name=value; see --help)')
+
+
+def experiment_from_flags(experiment: type, flag_values: Any,
+                          convert: dict[str, Callable[[str, Any], Any]]
+                          | None = None) -> Any:
+  """An experiment dataclass built from the flags of its fields' names (each
+  field is one flag, declared with the field's default); `convert` maps a
+  field to `fn(flag, value)` for a flag whose value is not the field's (a
+  comma-separated list, say)."""
+  convert = convert or {}
+  kwargs = {}
+  for field in dataclasses.fields(experiment):
+    value = flag_values[field.name].value
+    if field.name in convert:
+      value = convert[field.name](field.name, value)
+    kwargs[field.name] = value
+  return experiment(**kwargs)
+
+
+def define_workdir_flags() -> None:
+  """--workdir and --overwrite, the same in every training script."""
+  flags.DEFINE_string('workdir', None, 'Output directory (required).')
+  flags.DEFINE_bool('overwrite', False,
+                    'Start again in a workdir that holds a run of this '
+                    'project and nothing else (its run entries are deleted '
+                    'once flags and data are valid; a folder with other '
+                    'files is refused).')

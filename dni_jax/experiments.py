@@ -1,12 +1,12 @@
 """Experiment entry points the scripts call: settings in, workdir out."""
 
 import dataclasses
-import math
+import functools
+import re
 from typing import Any
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 
 from dni_jax import data
 from dni_jax import device_pipeline
@@ -78,61 +78,24 @@ class FeedForwardExperiment:
   process_id: int | None = None
 
   def __post_init__(self):
-    def bad(flag, msg):
-      raise ValueError(f'--{flag}={getattr(self, flag)}: {msg}')
+    """Checks what is the experiment's own (data, loop, devices, pipeline);
+    the network's settings are checked by building its config, once."""
+    bad = functools.partial(training.refuse, self)
+    if not self.workdir:
+      raise ValueError('--workdir is required')
     if self.dataset not in data.DATASETS:
       bad('dataset', f'must be one of {", ".join(data.DATASETS)}')
     if self.data_source not in ('files', 'tfds'):
       bad('data_source', 'must be files or tfds')
-    if self.model not in feedforward.MODELS:
-      bad('model', f'must be one of {", ".join(feedforward.MODELS)}')
-    if self.method not in feedforward.METHODS:
-      bad('method', f'must be one of {", ".join(feedforward.METHODS)}')
     training.check_positive_flags(self, (
         'num_steps', 'eval_every', 'log_every', 'checkpoint_every',
         'batch_size', 'hidden_size', 'sg_hidden_size', 'num_devices'))
-    if self.num_layers < 2:
-      bad('num_layers', 'must be >= 2 (hidden layers + the classifier)')
     training.check_at_most(self, LIMITS)
-    if self.sg_hidden_layers is not None and not 0 <= self.sg_hidden_layers <= 2:
-      bad('sg_hidden_layers', 'must be 0, 1 or 2')
-    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-      bad('learning_rate', 'must be a positive finite number')
-    if not 0 < self.lr_decay <= 1:
-      bad('lr_decay', 'must be in (0, 1]')
-    if (any(b <= 0 for b in self.lr_boundaries)
-        or list(self.lr_boundaries) != sorted(set(self.lr_boundaries))):
-      bad('lr_boundaries', 'must be positive, strictly increasing integers')
-    if self.seed < 0:
-      bad('seed', 'must be >= 0')
-    if not 0 < self.p_update <= 1:
-      bad('p_update', 'must be in (0, 1]')
-    if self.p_update < 1 and self.method == 'bprop':
-      raise ValueError('--p_update < 1 needs interfaces to decouple the '
-                       'layers; use --method=dni, cdni or no_bprop')
-    if not 0 <= self.stale_decay < 1:
-      bad('stale_decay', 'must be in [0, 1)')
-    if self.synthetic_inputs and self.method not in ('dni', 'cdni'):
-      raise ValueError(f'--synthetic_inputs needs --method=dni or cdni (got '
-                       f'--method={self.method})')
-    if self.synthetic_inputs and self.model != 'fcn':
-      raise ValueError('--synthetic_inputs is implemented for --model=fcn '
-                       'only')
-    if self.dni_layers is not None:
-      if self.method == 'bprop':
-        raise ValueError('--dni_layers is set but --method=bprop has no '
-                         'interfaces; use dni, cdni or no_bprop')
-      if (list(self.dni_layers) != sorted(set(self.dni_layers)) or any(
-          not 1 <= k < self.num_layers for k in self.dni_layers)):
-        raise ValueError(
-            f'--dni_layers={",".join(map(str, self.dni_layers))}: must be '
-            f'strictly increasing layer numbers in 1..{self.num_layers - 1} '
-            '(k puts a DNI between layers k and k+1)')
-    if not self.workdir:
-      bad('workdir', 'is required')
+    training.check_non_negative(self, ('seed',))
     parallel.validate_distributed(self.coordinator_address,
                                   self.num_processes, self.process_id)
     self._validate_pipeline()
+    self.model_config()   # The dataset's shapes are checked when it loads.
 
   def _validate_pipeline(self):
     if self.pipeline not in ('', 'dni', 'bprop'):
@@ -204,13 +167,8 @@ class FeedForwardExperiment:
 
   @property
   def resolved_sg_hidden_layers(self) -> int:
-    """A.1: MNIST FCN, two hidden layers for DNI and zero (linear) for cDNI;
-    CNN, two hidden convolutional layers."""
-    if self.sg_hidden_layers is not None:
-      return self.sg_hidden_layers
-    if self.synthetic_inputs:
-      return 1   # A.1, complete unlock: one hidden layer for both models.
-    return 0 if (self.method == 'cdni' and self.model == 'fcn') else 2
+    """--sg_hidden_layers, or A.1's choice (FeedForwardConfig's)."""
+    return self.model_config().resolved_sg_hidden_layers
 
   @property
   def resolved_hidden_size(self) -> int:
@@ -225,6 +183,40 @@ class FeedForwardExperiment:
     if self.sg_hidden_size is not None:
       return self.sg_hidden_size
     return 1024 if self.model == 'fcn' else self.resolved_hidden_size
+
+  def model_config(self, **data_shapes) -> feedforward.FeedForwardConfig:
+    """The network's config (`data_shapes`: `input_shape` and `num_classes`
+    of the dataset; by default FeedForwardConfig's, for checking the
+    settings). Its errors name the flag: `--num_layers=1 must be >= 2 ...`."""
+    try:
+      return feedforward.FeedForwardConfig(
+          **data_shapes, model=self.model, num_layers=self.num_layers,
+          hidden_size=self.resolved_hidden_size, method=self.method,
+          sg_hidden_layers=self.sg_hidden_layers,
+          sg_hidden_size=self.resolved_sg_hidden_size,
+          learning_rate=self.learning_rate,
+          lr_boundaries=tuple(self.lr_boundaries), lr_decay=self.lr_decay,
+          dni_layers=self.resolved_dni_layers, p_update=self.p_update,
+          synthetic_inputs=self.synthetic_inputs,
+          stale_decay=self.stale_decay, batch_size=self.batch_size,
+          seed=self.seed)
+    except ValueError as e:
+      raise ValueError(self._as_flags(str(e))) from None
+
+  def _as_flags(self, message: str) -> str:
+    """A FeedForwardConfig error in flag words: `dni_layers=(2, 1) must ...`
+    -> `--dni_layers=2,1 must ...`, `method='sgd'` -> `--method=sgd`."""
+    names = '|'.join(f.name for f in dataclasses.fields(self))
+
+    def flag(match):
+      value = match.group(2).strip("'")
+      if value.startswith('('):
+        value = ','.join(v.strip() for v in value.strip('()').split(',')
+                         if v.strip())
+      return f'--{match.group(1)}={value}'
+    text = message.removeprefix('FeedForwardConfig: ')
+    text = re.sub(rf'\b({names})=(\([^)]*\)|[^\s,;:]+)', flag, text)
+    return re.sub(rf'^({names})\b', r'--\1', text)
 
   def loop_config(self) -> training.LoopConfig:
     return training.LoopConfig(
@@ -255,6 +247,19 @@ class FeedForwardExperiment:
     return record
 
 
+def _load_data(exp: FeedForwardExperiment):
+  """(train, test) splits of --dataset; refuses a --batch_size above the
+  training set."""
+  train = data.load_dataset(exp.dataset, 'train', exp.data_dir, exp.data_source)
+  test = data.load_dataset(exp.dataset, 'test', exp.data_dir, exp.data_source)
+  logging.info('%s: %d train, %d test examples of shape %s', exp.dataset,
+               len(train.labels), len(test.labels), train.images.shape[1:])
+  if exp.batch_size > len(train.labels):
+    raise ValueError(f'--batch_size={exp.batch_size}: exceeds the '
+                     f'{len(train.labels)} training examples')
+  return train, test
+
+
 def train_feedforward(exp: FeedForwardExperiment) -> dict:
   """Runs (or resumes) one feed-forward experiment; returns result.json's dict.
 
@@ -268,82 +273,53 @@ def train_feedforward(exp: FeedForwardExperiment) -> dict:
     parallel.check_batch_size(mesh, exp.batch_size)
   # Nothing is written before the flags and the data are valid: a failed
   # start leaves the workdir as it was (and no config.json).
-  if jax.process_count() == 1 and training.check_workdir(
-      exp.workdir, exp.config_record(), exp.overwrite) == 'finished':
-    return training.finished_result(exp.workdir)
-  train = data.load_dataset(exp.dataset, 'train', exp.data_dir, exp.data_source)
-  test = data.load_dataset(exp.dataset, 'test', exp.data_dir, exp.data_source)
-  logging.info('%s: %d train, %d test examples of shape %s', exp.dataset,
-               len(train.labels), len(test.labels), train.images.shape[1:])
-  if exp.batch_size > len(train.labels):
-    raise ValueError(f'--batch_size={exp.batch_size}: exceeds the '
-                     f'{len(train.labels)} training examples')
-  if jax.process_count() == 1:
-    status = training.prepare_workdir(exp.workdir, exp.config_record(),
-                                      exp.overwrite)
-  else:
-    if jax.process_index() == 0:
-      status = training.prepare_workdir(exp.workdir, exp.config_record(),
-                                        exp.overwrite)
-    multihost_utils.sync_global_devices('dni_jax prepare_workdir')
-    if jax.process_index() != 0:  # Reads what process 0 wrote.
-      status = training.prepare_workdir(exp.workdir, exp.config_record(),
-                                        overwrite=False)
-  if status == 'finished':
-    return training.finished_result(exp.workdir)
-  config = feedforward.FeedForwardConfig(
-      input_shape=tuple(train.images.shape[1:]),
-      num_classes=train.num_classes,
-      model=exp.model,
-      num_layers=exp.num_layers,
-      hidden_size=exp.resolved_hidden_size,
-      method=exp.method,
-      sg_hidden_layers=exp.resolved_sg_hidden_layers,
-      sg_hidden_size=exp.resolved_sg_hidden_size,
-      learning_rate=exp.learning_rate,
-      lr_boundaries=tuple(exp.lr_boundaries),
-      lr_decay=exp.lr_decay,
-      dni_layers=exp.resolved_dni_layers,
-      p_update=exp.p_update,
-      synthetic_inputs=exp.synthetic_inputs,
-      stale_decay=exp.stale_decay,
-      batch_size=exp.batch_size,
-      seed=exp.seed)
+  loaded, finished = training.open_workdir(
+      exp.workdir, exp.config_record(), exp.overwrite,
+      load=lambda: _load_data(exp))
+  if finished is not None:
+    return finished
+  train, test = loaded
+  config = exp.model_config(input_shape=tuple(train.images.shape[1:]),
+                            num_classes=train.num_classes)
+  # Fig. 10's diagnostics, on a fixed batch of test examples at every
+  # evaluation.
+  probe = (test.images[:exp.batch_size], test.labels[:exp.batch_size])
   if exp.pipeline:
-    return _train_pipeline(exp, config, train, test)
-  if mesh.size == 1:
-    ff, fit_mesh = feedforward.make_feedforward(config), None
+    step, fit_mesh = _pipeline_step(exp, config, probe), None
+    extra = {'pipeline': exp.pipeline,
+             'pipeline_stages': len(exp.pipeline_boundaries) + 1,
+             'pipeline_programs': exp.pipeline_programs,
+             'pipeline_boundaries': list(exp.pipeline_boundaries)}
   else:
-    ff, fit_mesh = parallel.make_data_parallel(config, mesh), mesh
-    logging.info('data parallel over %d devices in %d processes', mesh.size,
-                 jax.process_count())
-  diagnostics = None
-  if config.interfaces:
-    # Fig. 10, on a fixed batch of test examples at every evaluation.
-    probe = (test.images[:exp.batch_size], test.labels[:exp.batch_size])
-    if fit_mesh is not None:
+    if mesh.size == 1:
+      ff, fit_mesh = feedforward.make_feedforward(config), None
+    else:
+      ff, fit_mesh = parallel.make_data_parallel(config, mesh), mesh
+      logging.info('data parallel over %d devices in %d processes', mesh.size,
+                   jax.process_count())
       probe = parallel.place_batch(fit_mesh, *probe)
-    diagnostics = lambda state: ff.diagnostics(state, *probe)
-  loop = exp.loop_config()
+    step = dict(init_state=ff.init(jax.random.key(exp.seed)),
+                train_step=ff.train_step, eval_batch=ff.eval_batch,
+                diagnostics=lambda state: ff.diagnostics(state, *probe))
+    extra = {'num_devices': mesh.size,
+             'num_processes': jax.process_count()}
+  if not config.interfaces:
+    step['diagnostics'] = None
   return training.fit(
-      workdir=exp.workdir, loop=loop,
-      init_state=ff.init(jax.random.key(exp.seed)),
-      train_step=ff.train_step, eval_batch=ff.eval_batch,
+      workdir=exp.workdir, loop=exp.loop_config(),
       train_data=(train.images, train.labels),
-      test_data=(test.images, test.labels),
-      diagnostics=diagnostics,
-      mesh=fit_mesh,
+      test_data=(test.images, test.labels), mesh=fit_mesh,
       extra_result={'method': exp.method, 'num_layers': exp.num_layers,
                     'dataset': exp.dataset,
-                    'device': jax.devices()[0].device_kind,
-                    'num_devices': mesh.size,
-                    'num_processes': jax.process_count()})
+                    'device': jax.devices()[0].device_kind, **extra},
+      **step)
 
 
-def _train_pipeline(exp: FeedForwardExperiment,
-                    config: feedforward.FeedForwardConfig, train, test) -> dict:
-  """`training.fit` with a pipeline's step: the decoupled DNI pipeline (one
-  tick per batch) or the backprop pipeline, one stage per local device."""
+def _pipeline_step(exp: FeedForwardExperiment,
+                   config: feedforward.FeedForwardConfig, probe) -> dict:
+  """`training.fit`'s init_state, train_step, eval_batch and diagnostics of
+  a pipeline: the decoupled DNI pipeline (one tick per batch) or the
+  backprop pipeline, one stage per local device."""
   boundaries = exp.pipeline_boundaries
   mesh = pipeline_lib.stage_mesh(len(boundaries) + 1)
   if exp.pipeline_programs == 'per_stage':
@@ -372,24 +348,9 @@ def _train_pipeline(exp: FeedForwardExperiment,
     return state, jax.device_put(metrics, first)
   logging.info('%s pipeline: %d stages ending after layers %s on %s',
                exp.pipeline, mesh.size, boundaries, mesh.devices.tolist())
-  diagnostics = None
-  if config.interfaces:
-    probe = (test.images[:exp.batch_size], test.labels[:exp.batch_size])
-    ff = feedforward.make_feedforward(config)
-    diagnostics = lambda state: ff.diagnostics(pipe.to_feedforward(place(
-        state)), *probe)
-  loop = exp.loop_config()
-  return training.fit(
-      workdir=exp.workdir, loop=loop,
-      init_state=pipe.init(jax.random.key(exp.seed)),
-      train_step=train_step,
+  ff = feedforward.make_feedforward(config)
+  return dict(
+      init_state=pipe.init(jax.random.key(exp.seed)), train_step=train_step,
       eval_batch=lambda state, x, y: pipe.eval_batch(place(state), x, y),
-      train_data=(train.images, train.labels),
-      test_data=(test.images, test.labels),
-      diagnostics=diagnostics,
-      extra_result={'method': exp.method, 'num_layers': exp.num_layers,
-                    'dataset': exp.dataset,
-                    'device': jax.devices()[0].device_kind,
-                    'pipeline': exp.pipeline, 'pipeline_stages': mesh.size,
-                    'pipeline_programs': exp.pipeline_programs,
-                    'pipeline_boundaries': list(boundaries)})
+      diagnostics=lambda state: ff.diagnostics(
+          pipe.to_feedforward(place(state)), *probe))

@@ -1,17 +1,17 @@
 """The multi-network experiment (Sec. 3.3, A.4) behind
 `scripts/train_multinet.py`: settings in, workdir out.
 
-The workdir contract of `training.fit` (config.json, metrics.jsonl with `step`,
+The run is `training.train`'s (config.json, metrics.jsonl with `step`,
 result.json written last and atomically, orbax checkpoints, resume, stop on a
-signal). A *step* is one time step of Network A (one digit per stream); the
-loop advances one block of T^2 steps at a time, so --num_steps, --eval_every,
---log_every and --checkpoint_every must be multiples of T^2. The digit stream
-depends only on (seed, block index), so a resumed run sees the same digits as
-an uninterrupted one.
+signal or a non-finite metric). A *step* is one time step of Network A (one
+digit per stream); the loop advances one block of T^2 steps at a time, so
+--num_steps, --eval_every, --log_every and --checkpoint_every must be
+multiples of T^2. The digit stream depends only on (seed, block index), so a
+resumed run sees the same digits as an uninterrupted one.
 """
 
 import dataclasses
-import math
+import functools
 import os
 from typing import Any
 
@@ -20,11 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dni_jax import methods
 from dni_jax import multinet
 from dni_jax import training
 from dni_jax.data import datasets
 
 _TRAIN, _TEST = 0, 1   # Stream ids in the sampler's seed sequence.
+# Training metrics that must stay finite (checked at every log point).
+FINITE = ('a_loss', 'b_loss', 'sg_loss')
 
 
 # Values no run can mean (Sec. 3.3, A.4: T = 4, 256 units): far above them,
@@ -60,15 +63,16 @@ class MultinetExperiment:
   overwrite: bool = False
 
   def __post_init__(self):
-    def bad(flag, msg):
-      raise ValueError(f'--{flag}={getattr(self, flag)}: {msg}')
+    bad = functools.partial(training.refuse, self)
     if not self.workdir:
       raise ValueError('--workdir is required')
     if not self.data_dir:
       raise ValueError('--data_dir is required (a folder with the MNIST IDX '
                        'files)')
-    if self.mode not in multinet.MODES:
-      bad('mode', f'must be one of {", ".join(multinet.MODES)}')
+    # Stored in multinet's spelling (config.json as before): bprop ->
+    # backprop, no_bprop -> decoupled.
+    object.__setattr__(self, 'mode', methods.to_module(
+        self.mode, multinet.MODES, 'mode'))
     training.check_positive_flags(self, (
         'tick', 'batch_size', 'hidden_size', 'num_steps', 'eval_every',
         'log_every', 'checkpoint_every', 'eval_streams', 'eval_blocks'))
@@ -83,16 +87,11 @@ class MultinetExperiment:
       if value is not None and value % block:
         bad(flag, f'must be a multiple of tick^2 = {block} (the loop advances '
             f'one block of tick^2 steps at a time)')
-    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-      bad('learning_rate', 'must be a positive finite number')
-    if self.sg_scale is not None:
-      if self.mode != 'dni':
-        raise ValueError(f'--sg_scale needs synthetic gradients: use '
-                         f'--mode=dni (got --mode={self.mode})')
-      if not (self.sg_scale > 0 and math.isfinite(self.sg_scale)):
-        bad('sg_scale', 'must be a positive finite number')
-    if self.seed < 0:
-      bad('seed', 'must be >= 0')
+    if self.sg_scale is not None and self.mode != 'dni':
+      raise ValueError('--sg_scale needs synthetic gradients: use --mode=dni '
+                       f'(got --mode={methods.canonical(self.mode)})')
+    training.check_positive_finite(self, ('learning_rate', 'sg_scale'))
+    training.check_non_negative(self, ('seed',))
 
   @property
   def resolved(self) -> dict[str, Any]:
@@ -182,58 +181,57 @@ def _load(data_dir: str, split: str, tick: int, batch_size: int, seed: int,
                      stream_id)
 
 
-def train_multinet(exp: MultinetExperiment) -> dict:
-  """Runs (or resumes) one experiment; returns result.json's dict."""
-  if training.check_workdir(exp.workdir, exp.config_record(),
-                            exp.overwrite) == 'finished':
-    return training.finished_result(exp.workdir)
+def _load_streams(exp: MultinetExperiment) -> tuple[DigitStream, DigitStream]:
   if not os.path.isdir(exp.data_dir):
     raise datasets.DataError(f'--data_dir={exp.data_dir}: no such folder')
+  return (_load(exp.data_dir, 'train', exp.tick, exp.batch_size, exp.seed,
+                _TRAIN),
+          _load(exp.data_dir, 'test', exp.tick, exp.eval_streams, exp.seed,
+                _TEST))
+
+
+def train_multinet(exp: MultinetExperiment) -> dict:
+  """Runs (or resumes) one experiment; returns result.json's dict."""
   # Read the data before touching the workdir: a bad --data_dir leaves it as
   # it was (and writes no config.json).
-  train_stream = _load(exp.data_dir, 'train', exp.tick, exp.batch_size,
-                       exp.seed, _TRAIN)
-  test_stream = _load(exp.data_dir, 'test', exp.tick, exp.eval_streams,
-                      exp.seed, _TEST)
-  status = training.prepare_workdir(exp.workdir, exp.config_record(),
-                                    exp.overwrite)
-  if status == 'finished':
-    return training.finished_result(exp.workdir)
+  streams, finished = training.open_workdir(
+      exp.workdir, exp.config_record(), exp.overwrite,
+      load=lambda: _load_streams(exp))
+  if finished is not None:
+    return finished
+  train_stream, test_stream = streams
   net = multinet.make_multinet(exp.model_config())
   r = exp.resolved
   block = exp.tick ** 2
 
   state_a, state_b = net.init(jax.random.key(exp.seed), exp.batch_size)
-  zero = np.zeros((), np.float64)
-  payload = {'a': state_a, 'b': state_b, 'train_time': zero}
-  training.quiet_orbax_logging()
-  checkpointer = training.Checkpointer(exp.workdir)
-  start_step, restored = checkpointer.restore_latest(
-      jax.eval_shape(lambda: payload))
-  if restored is not None:
-    payload = restored
-    logging.info('resumed from %s/%d', checkpointer.directory, start_step)
-  state_a, state_b = payload['a'], payload['b']
-  train_time = float(payload['train_time'])
-  metrics_log = training.MetricsLog(exp.workdir, start_step)
+  init_payload = {'a': state_a, 'b': state_b,
+                  'train_time': np.zeros((), np.float64)}
+  train_time = 0.0
   sums, sums_blocks = None, 0   # Training answers since the last evaluation.
-  done = start_step   # Steps taken so far.
+
+  def start(payload, start_step):
+    del start_step
+    nonlocal state_a, state_b, train_time
+    state_a, state_b = payload['a'], payload['b']
+    train_time = float(payload['train_time'])
+    return training.Hooks(
+        train_step=train_step_at, evaluate_row=evaluate_row,
+        log_text=lambda fetched: (
+            f'A loss {float(fetched["a_loss"]):.4f}  '
+            f'B loss {float(fetched["b_loss"]):.4f}  '
+            f'sg_loss {float(fetched["sg_loss"]):.3g}  '),
+        payload=lambda seconds: {
+            'a': state_a, 'b': state_b,
+            'train_time': np.asarray(train_time + seconds, np.float64)})
 
   def train_step_at(step):
-    nonlocal state_a, state_b, sums, sums_blocks, done
+    nonlocal state_a, state_b, sums, sums_blocks
     state_a, state_b, metrics = net.train_block(
         state_a, state_b, train_stream.block(step // block))
-    done = step + block
     sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
     sums_blocks += 1
     return metrics
-
-  def check(fetched):
-    for name in ('a_loss', 'b_loss', 'sg_loss'):
-      if not np.isfinite(fetched[name]):
-        raise training.TrainingError(
-            f'non-finite {name} at step {done}; stopped, the last good '
-            'checkpoint is kept')
 
   def evaluate_row(step, fetched, seconds):
     del step
@@ -254,37 +252,24 @@ def train_multinet(exp: MultinetExperiment) -> dict:
     sums, sums_blocks = None, 0
     return row
 
-  stats = training.run_loop(
+  def result(stats, rows):
+    summary = {'mode': exp.mode, 'tick': exp.tick, 'num_steps': stats.step,
+               'a_updates': int(state_a.updates),
+               'b_updates': int(state_b.updates),
+               'train_time': round(train_time + stats.train_seconds, 3),
+               'steps_per_sec': stats.steps_per_sec,
+               'device': jax.devices()[0].device_kind}
+    for net_name in ('a', 'b'):
+      key = f'{net_name}_test_error'
+      best = min(rows, key=lambda row, key=key: row[key])
+      summary[key] = rows[-1][key]
+      summary[f'best_{key}'] = best[key]
+      summary[f'best_{net_name}_step'] = best['step']
+    return summary
+
+  return training.train(
+      workdir=exp.workdir,
       schedule=training.Schedule(exp.num_steps, r['eval_every'],
                                  r['log_every'], r['checkpoint_every'],
                                  steps_per_call=block),
-      start_step=start_step, checkpointer=checkpointer,
-      metrics_log=metrics_log, train_step=train_step_at,
-      log_text=lambda fetched: (
-          f'A loss {float(fetched["a_loss"]):.4f}  '
-          f'B loss {float(fetched["b_loss"]):.4f}  '
-          f'sg_loss {float(fetched["sg_loss"]):.3g}  '),
-      evaluate_row=evaluate_row,
-      payload=lambda seconds: {
-          'a': state_a, 'b': state_b,
-          'train_time': np.asarray(train_time + seconds, np.float64)},
-      check=check)
-  step = stats.step
-  train_time += stats.train_seconds
-
-  rows = metrics_log.rows
-  result = {'mode': exp.mode, 'tick': exp.tick, 'num_steps': step,
-            'a_updates': int(state_a.updates),
-            'b_updates': int(state_b.updates),
-            'train_time': round(train_time, 3),
-            'steps_per_sec': stats.steps_per_sec,
-            'device': jax.devices()[0].device_kind}
-  for net_name in ('a', 'b'):
-    key = f'{net_name}_test_error'
-    best = min(rows, key=lambda row, key=key: row[key])
-    result[key] = rows[-1][key]
-    result[f'best_{key}'] = best[key]
-    result[f'best_{net_name}_step'] = best['step']
-  training.write_json_atomic(os.path.join(exp.workdir, training.RESULT_FILE),
-                             result)
-  return result
+      init_payload=init_payload, start=start, result=result, finite=FINITE)

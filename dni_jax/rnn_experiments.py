@@ -1,15 +1,16 @@
 """Recurrent experiments (Sec. 3.2, A.3) behind `scripts/train_rnn.py`:
 settings in, workdir out.
 
-The loop is `training.fit`'s contract (config.json, metrics.jsonl with `step`,
+The run is `training.train`'s (config.json, metrics.jsonl with `step`,
 result.json written last and atomically, orbax checkpoints, resume, stop on a
-signal) with what recurrent training adds: the carried RNN state, the position
-in the data stream and the curriculum level live in the checkpoint.
+signal or a non-finite metric) with what recurrent training adds: the carried
+RNN state, the position in the data stream and the curriculum level live in
+the checkpoint.
 """
 
 import dataclasses
+import functools
 import math
-import os
 from typing import Any
 
 from absl import logging
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dni_jax import methods
 from dni_jax import parallel
 from dni_jax import recurrent
 from dni_jax import rnn_tasks
@@ -25,6 +27,8 @@ from dni_jax.data import ptb
 
 TASKS = ('copy', 'repeat_copy', 'ptb')
 LN2 = math.log(2.0)
+# Training metrics that must stay finite (checked at every log point).
+FINITE = ('loss', 'sg_loss', 'aux_loss', 'grad_norm')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +61,16 @@ class RecurrentExperiment:
   num_devices: int | None = 1
 
   def __post_init__(self):
-    def bad(flag, msg):
-      raise ValueError(f'--{flag}={getattr(self, flag)}: {msg}')
+    bad = functools.partial(training.refuse, self)
     if not self.workdir:
       raise ValueError('--workdir is required')
     if self.task not in TASKS:
       bad('task', f'must be one of {", ".join(TASKS)}')
     if self.core not in recurrent.CORES:
       bad('core', f'must be one of {", ".join(recurrent.CORES)}')
-    if self.method not in recurrent.METHODS:
-      bad('method', f'must be one of {", ".join(recurrent.METHODS)}')
+    # Stored in recurrent's spelling (config.json as before): bprop -> bptt.
+    object.__setattr__(self, 'method', methods.to_module(
+        self.method, recurrent.METHODS, 'method'))
     training.check_positive_flags(self, (
         'hidden_size', 'unroll', 'batch_size', 'num_steps', 'eval_every',
         'log_every', 'checkpoint_every', 'patience', 'eval_rows'))
@@ -76,15 +80,11 @@ class RecurrentExperiment:
         'batch_size': (65536, 'the paper uses 256 streams'),
         'eval_rows': (65536, 'evaluation streams'),
     })
-    if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-      bad('learning_rate', 'must be a positive finite number')
-    if self.sg_scale is not None and not (
-        self.sg_scale > 0 and math.isfinite(self.sg_scale)):
-      bad('sg_scale', 'must be a positive finite number')
+    training.check_positive_finite(self, ('learning_rate', 'sg_scale'))
     if self.method == 'bptt' and (self.sg_scale is not None
                                   or self.sg_into_core):
       raise ValueError('--sg_scale/--sg_into_core need synthetic gradients; '
-                       'use --method=dni or dni_aux (got --method=bptt)')
+                       'use --method=dni or dni_aux (got --method=bprop)')
     if self.task != 'ptb':
       if self.data_dir is not None:
         raise ValueError(f'--data_dir is for --task=ptb (got --task={self.task})')
@@ -94,8 +94,7 @@ class RecurrentExperiment:
       if self.eval_rows is not None:
         raise ValueError(f'--eval_rows is for --task=ptb; got '
                          f'--task={self.task}')
-    if self.seed < 0:
-      bad('seed', 'must be >= 0')
+    training.check_non_negative(self, ('seed',))
     if self.num_devices is not None:
       if self.num_devices < 1:
         bad('num_devices', 'must be a positive integer')
@@ -292,14 +291,6 @@ class _PtbTask:
 # The loop.
 # ---------------------------------------------------------------------------
 
-def _check_finite(metrics: dict, step: int) -> None:
-  for name in ('loss', 'sg_loss', 'aux_loss', 'grad_norm'):
-    if not np.isfinite(metrics[name]):
-      raise training.TrainingError(
-          f'non-finite {name} at step {step}; stopped, the last good '
-          'checkpoint is kept')
-
-
 def train_recurrent(exp: RecurrentExperiment) -> dict:
   """Runs (or resumes) one recurrent experiment; returns result.json's dict.
 
@@ -316,39 +307,39 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
   # Evaluations drive the curriculum and early stopping: a rerun keeps
   # --eval_every. Nothing is written before the data is read.
   resumable = tuple(k for k in training.RESUMABLE if k != 'eval_every')
-  if training.check_workdir(exp.workdir, exp.config_record(), exp.overwrite,
-                            resumable=resumable) == 'finished':
-    return training.finished_result(exp.workdir)
-  task = _PtbTask(exp) if exp.task == 'ptb' else _CopyTask(exp)
-  training.prepare_workdir(exp.workdir, exp.config_record(), exp.overwrite,
-                           resumable=resumable)
+  task, finished = training.open_workdir(
+      exp.workdir, exp.config_record(), exp.overwrite,
+      load=lambda: _PtbTask(exp) if exp.task == 'ptb' else _CopyTask(exp),
+      resumable=resumable)
+  if finished is not None:
+    return finished
   config = exp.model_config(*task.sizes())
   if mesh.size == 1:
     rec = recurrent.make_recurrent(config)
   else:
     rec = parallel.make_data_parallel_recurrent(config, mesh)
     logging.info('streams split over %d devices', mesh.size)
-  eval_every = exp.resolved['eval_every']
 
   zero = np.zeros((), np.float64)
-  payload = {'state': rec.init(jax.random.key(exp.seed), exp.batch_size,
-                               jnp.asarray(task.example_inputs())),
-             'task': dict(task.host), 'train_bits_sum': zero,
-             'train_bits_count': zero, 'train_time': zero}
-  training.quiet_orbax_logging()
-  checkpointer = training.Checkpointer(exp.workdir)
-  start_step, restored = checkpointer.restore_latest(
-      payload)
-  if restored is not None:
-    payload = restored
-    logging.info('resumed from %s/%d', checkpointer.directory, start_step)
-  state = payload['state']
-  task.host = {k: np.asarray(v) for k, v in payload['task'].items()}
-  bits_sum = float(payload['train_bits_sum'])
-  bits_count = float(payload['train_bits_count'])
-  train_time = float(payload['train_time'])
-  metrics_log = training.MetricsLog(exp.workdir, start_step)
+  init_payload = {'state': rec.init(jax.random.key(exp.seed), exp.batch_size,
+                                    jnp.asarray(task.example_inputs())),
+                  'task': dict(task.host), 'train_bits_sum': zero,
+                  'train_bits_count': zero, 'train_time': zero}
+  state, bits_sum, bits_count, train_time = None, 0.0, 0.0, 0.0
   pending = []   # Device bits of the steps since the last log point.
+
+  def start(payload, start_step):
+    del start_step
+    nonlocal state, bits_sum, bits_count, train_time
+    state = payload['state']
+    task.host = {k: np.asarray(v) for k, v in payload['task'].items()}
+    bits_sum = float(payload['train_bits_sum'])
+    bits_count = float(payload['train_bits_count'])
+    train_time = float(payload['train_time'])
+    return training.Hooks(
+        train_step=train_step_at, log_text=log_text,
+        evaluate_row=evaluate_row, payload=checkpoint_payload,
+        should_stop=should_stop)
 
   def train_step_at(step):
     nonlocal state
@@ -379,6 +370,12 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
     bits_sum, bits_count = 0.0, 0.0
     return row
 
+  def checkpoint_payload(seconds):
+    return {'state': state, 'task': dict(task.host),
+            'train_bits_sum': np.asarray(bits_sum, np.float64),
+            'train_bits_count': np.asarray(bits_count, np.float64),
+            'train_time': np.asarray(train_time + seconds, np.float64)}
+
   def should_stop():
     if task.should_stop():
       logging.info('validation BPC has not improved for %d evaluations: '
@@ -386,31 +383,22 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
       return True
     return False
 
-  stats = training.run_loop(
-      schedule=training.Schedule(exp.num_steps, eval_every, exp.log_every,
-                                 exp.checkpoint_every),
-      start_step=start_step, checkpointer=checkpointer,
-      metrics_log=metrics_log, train_step=train_step_at, log_text=log_text,
-      evaluate_row=evaluate_row,
-      payload=lambda seconds: {
-          'state': state, 'task': dict(task.host),
-          'train_bits_sum': np.asarray(bits_sum, np.float64),
-          'train_bits_count': np.asarray(bits_count, np.float64),
-          'train_time': np.asarray(train_time + seconds, np.float64)},
-      check=lambda fetched: _check_finite(fetched, int(state.step)),
-      should_stop=should_stop)
-  step, early_stopped = stats.step, stats.early_stopped
-  train_time += stats.train_seconds
+  def result(stats, rows):
+    del rows
+    summary = {'task': exp.task, 'method': exp.method, 'core': exp.core,
+               'unroll': exp.unroll,
+               'hidden_size': exp.resolved['hidden_size'],
+               'num_steps': stats.step, 'early_stopped': stats.early_stopped,
+               'train_time': round(train_time + stats.train_seconds, 3),
+               'steps_per_sec': stats.steps_per_sec,
+               'device': jax.devices()[0].device_kind,
+               'num_devices': mesh.size}
+    summary.update(task.result())
+    return summary
 
-  result = {'task': exp.task, 'method': exp.method, 'core': exp.core,
-            'unroll': exp.unroll,
-            'hidden_size': exp.resolved['hidden_size'],
-            'num_steps': step, 'early_stopped': early_stopped,
-            'train_time': round(train_time, 3),
-            'steps_per_sec': stats.steps_per_sec,
-            'device': jax.devices()[0].device_kind,
-            'num_devices': mesh.size}
-  result.update(task.result())
-  training.write_json_atomic(os.path.join(exp.workdir, training.RESULT_FILE),
-                             result)
-  return result
+  return training.train(
+      workdir=exp.workdir,
+      schedule=training.Schedule(exp.num_steps, exp.resolved['eval_every'],
+                                 exp.log_every, exp.checkpoint_every),
+      init_payload=init_payload, abstract=init_payload, start=start,
+      result=result, finite=FINITE)

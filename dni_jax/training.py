@@ -1,4 +1,5 @@
-"""The training loop every script shares: workdir contract, metrics, checkpoints.
+"""The run harness every script shares (`open_workdir`, then `train`): the
+workdir contract, restore, the loop, metrics, result, health checks.
 
 A workdir holds
   config.json     every flag value of the run;
@@ -30,10 +31,11 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, NoReturn
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -116,6 +118,28 @@ def check_positive_flags(settings: Any, names: tuple[str, ...]) -> None:
     value = getattr(settings, name)
     if value is not None and value < 1:
       raise ValueError(f'--{name}={value}: must be a positive integer')
+
+
+def refuse(settings: Any, name: str, why: str) -> NoReturn:
+  """Raises ValueError `--name=value: why` for the flag `name` (an attribute
+  of `settings`)."""
+  raise ValueError(f'--{name}={getattr(settings, name)}: {why}')
+
+
+def check_positive_finite(settings: Any, names: tuple[str, ...]) -> None:
+  """Refuses the first of `names` that is set but not a positive finite
+  number."""
+  for name in names:
+    value = getattr(settings, name)
+    if value is not None and not (value > 0 and math.isfinite(value)):
+      refuse(settings, name, 'must be a positive finite number')
+
+
+def check_non_negative(settings: Any, names: tuple[str, ...]) -> None:
+  """Refuses the first of `names` that is negative (a seed, say)."""
+  for name in names:
+    if getattr(settings, name) < 0:
+      refuse(settings, name, 'must be >= 0')
 
 
 class WorkdirError(ValueError):
@@ -316,6 +340,35 @@ def finished_result(workdir: str) -> dict:
     raise WorkdirError(f'{path} is unreadable ({e}); delete it to finish the '
                        'run from its last checkpoint, or pass --overwrite to '
                        'start again') from e
+
+
+def open_workdir(workdir: str, config: dict, overwrite: bool,
+                 load: Callable[[], Any], *,
+                 resumable: tuple[str, ...] = RESUMABLE) -> tuple[Any, Any]:
+  """Readies `workdir` for the run `config` once `load()` (which reads the
+  data, and fails on a bad flag or file) has returned, so that a failed
+  start leaves the workdir as it was: (what `load` returned, None), or
+  (None, result.json's dict) for a finished run (`load` is not called when
+  that is known first). With several processes, process 0 prepares the
+  workdir and the others follow (`prepare_workdir`)."""
+  single = jax.process_count() == 1
+  if single and check_workdir(workdir, config, overwrite,
+                              resumable=resumable) == 'finished':
+    return None, finished_result(workdir)
+  loaded = load()
+  if single:
+    status = prepare_workdir(workdir, config, overwrite, resumable=resumable)
+  else:
+    if jax.process_index() == 0:
+      status = prepare_workdir(workdir, config, overwrite,
+                               resumable=resumable)
+    multihost_utils.sync_global_devices('dni_jax prepare_workdir')
+    if jax.process_index() != 0:  # Reads what process 0 wrote.
+      status = prepare_workdir(workdir, config, overwrite=False,
+                               resumable=resumable)
+  if status == 'finished':
+    return None, finished_result(workdir)
+  return loaded, None
 
 
 class MetricsLog:
@@ -561,6 +614,11 @@ _CAUSAL_ORDER = (
 )
 
 
+def non_finite_error(what: str, step: int) -> TrainingError:
+  return TrainingError(f'non-finite {what} at step {step}; stopped, the last '
+                       'good checkpoint is kept')
+
+
 def check_health(health: dict) -> None:
   """Raises TrainingError naming the first non-finite step, module, quantity."""
   health = jax.device_get(health)
@@ -578,8 +636,30 @@ def check_health(health: dict) -> None:
   if what is None:
     names = [name for name, indices in bad.items() if indices]
     what = 'training loss' if 'loss' in names else ', '.join(names)
-  raise TrainingError(f'non-finite {what} at step {step}; stopped, the last '
-                      'good checkpoint is kept')
+  raise non_finite_error(what, step)
+
+
+class HealthTracker:
+  """The finiteness of every step's metrics (those named in `names`, or all),
+  kept on device (no host sync per step); `check` raises TrainingError for
+  the first unhealthy step (`check_health`)."""
+
+  def __init__(self, names: tuple[str, ...] | None = None):
+    self.names = names
+    self.health = None
+
+  def track(self, step_after: int, metrics: dict) -> None:
+    if self.names is not None:
+      metrics = {name: metrics[name] for name in self.names}
+    if self.health is None:
+      self.health = {'step': jnp.asarray(-1),
+                     'flags': jax.tree.map(jnp.ones_like,
+                                           _health_flags(metrics))}
+    self.health = _track_health(self.health, jnp.asarray(step_after), metrics)
+
+  def check(self) -> None:
+    if self.health is not None:
+      check_health(self.health)
 
 
 class StopRequested(Exception):
@@ -716,6 +796,73 @@ def run_loop(*, schedule: Schedule, start_step: int, checkpointer: Checkpointer,
                    timed_steps / timed_seconds if timed_seconds > 0 else None)
 
 
+class Hooks(NamedTuple):
+  """What an experiment adds to the loop `train` runs (when each is called:
+  `run_loop`); the experiment owns its state, in closures."""
+  train_step: Callable[[int], Any]
+  log_text: Callable[[Any], str]
+  evaluate_row: Callable[[int, Any, float], dict]
+  payload: Callable[[float], Any]
+  should_stop: Callable[[], bool] = lambda: False
+
+
+def train(*, workdir: str, schedule: Schedule, init_payload: Any,
+          start: Callable[[Any, int], Hooks],
+          result: Callable[[LoopStats, list[dict]], dict],
+          abstract: Any = None,
+          older_layouts: tuple[tuple[Any, Callable], ...] = (),
+          finite: tuple[str, ...] | None = None,
+          primary: bool = True) -> dict:
+  """The run harness of every script, on a workdir `open_workdir` prepared:
+  restores the latest checkpoint (or starts from `init_payload`), runs the
+  loop to `schedule.num_steps` (or an early stop), writes result.json.
+
+  `abstract` is what checkpoints restore as (default: the shapes of
+  `init_payload`), `older_layouts` as in `Checkpointer.restore_latest`.
+  `start(payload, start_step)` takes the payload to go on from and returns
+  the experiment's `Hooks`. Every step's metrics named in `finite` (None:
+  all) are checked at each log point and before each checkpoint: a
+  non-finite one stops the run (TrainingError), the last good checkpoint
+  kept. `result(stats, rows)` returns result.json's dict (`rows`: every
+  metrics.jsonl row). Only the `primary` process writes metrics.jsonl and
+  result.json.
+  """
+  quiet_orbax_logging()
+  checkpointer = Checkpointer(workdir)
+  if abstract is None:
+    abstract = jax.eval_shape(lambda: init_payload)
+  start_step, payload = checkpointer.restore_latest(
+      abstract, older_layouts=older_layouts)
+  if payload is None:
+    payload = init_payload
+  else:
+    logging.info('resumed from %s/%d', checkpointer.directory, start_step)
+  metrics_log = MetricsLog(workdir, start_step, write=primary)
+  hooks = start(payload, start_step)
+  health = HealthTracker(finite)
+
+  def train_step(step):
+    metrics = hooks.train_step(step)
+    health.track(step + schedule.steps_per_call, metrics)
+    return metrics
+
+  def checkpoint_payload(train_seconds):
+    health.check()  # Never checkpoint a non-finite state.
+    return hooks.payload(train_seconds)
+
+  stats = run_loop(
+      schedule=schedule, start_step=start_step, checkpointer=checkpointer,
+      metrics_log=metrics_log, train_step=train_step,
+      log_text=hooks.log_text, evaluate_row=hooks.evaluate_row,
+      payload=checkpoint_payload,
+      check=lambda fetched: health.check(),  # Every step since the last.
+      should_stop=hooks.should_stop)
+  summary = result(stats, metrics_log.rows)
+  if primary:
+    write_json_atomic(os.path.join(workdir, RESULT_FILE), summary)
+  return summary
+
+
 def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
         train_step: Callable, eval_batch: Callable,
         train_data: tuple[np.ndarray, np.ndarray],
@@ -758,51 +905,43 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
   # parallel.one_call_at_a_time: pipelined sharded steps can deadlock there).
   wait_each_step = (mesh is not None and jax.local_device_count() > 1
                     and mesh.devices.flat[0].platform == 'cpu')
-  primary = jax.process_index() == 0
   sampler = EpochSampler(train_images.shape[0], loop.batch_size, loop.seed)
 
-  payload = {'state': init_state, 'train_loss_sum': zero,
-             'train_loss_count': zero, 'train_time': zero}  # Seconds.
-  quiet_orbax_logging()
-  checkpointer = Checkpointer(workdir)
+  init_payload = {'state': init_state, 'train_loss_sum': zero,
+                  'train_loss_count': zero, 'train_time': zero}  # Seconds.
   if mesh is None:
-    abstract = jax.eval_shape(lambda: payload)
+    abstract = jax.eval_shape(lambda: init_payload)
   else:  # Restore onto the mesh, each process its own shards.
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        payload)
+        init_payload)
   # Checkpoints written before `train_time` was kept restore without it.
   without_time = {k: v for k, v in abstract.items() if k != 'train_time'}
   add_time = lambda p: {**p, 'train_time': zero}
-  start_step, restored = checkpointer.restore_latest(
-      abstract, older_layouts=((without_time, add_time),))
-  if restored is not None:
-    payload = restored
-    logging.info('resumed from %s/%d', checkpointer.directory, start_step)
-  state = payload['state']
-  loss_sum, loss_count = payload['train_loss_sum'], payload['train_loss_count']
-  train_time = float(payload['train_time'])
-  health = None
-  metrics_log = MetricsLog(workdir, start_step, write=primary)
+  state = loss_sum = loss_count = None
+  train_time = 0.0
+
+  def start(payload, start_step):
+    del start_step
+    nonlocal state, loss_sum, loss_count, train_time
+    state = payload['state']
+    loss_sum = payload['train_loss_sum']
+    loss_count = payload['train_loss_count']
+    train_time = float(payload['train_time'])
+    return Hooks(train_step=train_step_at, evaluate_row=evaluate_row,
+                 log_text=lambda fetched: (
+                     f'loss {float(fetched["loss"]):.4f}  '),
+                 payload=checkpoint_payload)
 
   def train_step_at(step):
-    nonlocal state, loss_sum, loss_count, health
+    nonlocal state, loss_sum, loss_count
     images, labels = next_batch(sampler.indices(step))
     state, metrics = train_step(state, images, labels)
     if wait_each_step:
       jax.block_until_ready(state)
     loss_sum = loss_sum + metrics['loss']
     loss_count = loss_count + 1.0
-    if health is None:
-      health = {'step': jnp.asarray(-1),
-                'flags': jax.tree.map(jnp.ones_like, _health_flags(metrics))}
-    health = _track_health(health, jnp.asarray(step + 1), metrics)
     return metrics
-
-  def check(fetched):
-    del fetched  # The health flags cover every step since the last check.
-    if health is not None:
-      check_health(health)
 
   def evaluate_row(step, fetched, train_seconds):
     del step
@@ -821,36 +960,31 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
     return row
 
   def checkpoint_payload(train_seconds):
-    check(None)  # Never checkpoint a non-finite state.
     return {'state': state, 'train_loss_sum': loss_sum,
             'train_loss_count': loss_count,
             'train_time': scalar(train_time + train_seconds)}
 
-  stats = run_loop(
-      schedule=Schedule(loop.num_steps, loop.eval_every, loop.log_every,
-                        loop.checkpoint_every),
-      start_step=start_step, checkpointer=checkpointer,
-      metrics_log=metrics_log, train_step=train_step_at,
-      log_text=lambda fetched: f'loss {float(fetched["loss"]):.4f}  ',
-      evaluate_row=evaluate_row,
-      payload=checkpoint_payload, check=check)
+  def result(stats, rows):
+    best = min(rows, key=lambda r: r['test_error'])
+    summary = {
+        'num_steps': loop.num_steps,
+        'test_error': rows[-1]['test_error'],
+        'test_loss': rows[-1]['test_loss'],
+        'train_loss': rows[-1]['train_loss'],
+        'best_test_error': best['test_error'],
+        'best_step': best['step'],
+        'steps_per_sec': stats.steps_per_sec,
+        'train_time': round(train_time + stats.train_seconds, 3),
+    }
+    summary.update(extra_result or {})
+    return summary
 
-  rows = metrics_log.rows
-  best = min(rows, key=lambda r: r['test_error'])
-  result = {
-      'num_steps': loop.num_steps,
-      'test_error': rows[-1]['test_error'],
-      'test_loss': rows[-1]['test_loss'],
-      'train_loss': rows[-1]['train_loss'],
-      'best_test_error': best['test_error'],
-      'best_step': best['step'],
-      'steps_per_sec': stats.steps_per_sec,
-      'train_time': round(train_time + stats.train_seconds, 3),
-  }
-  result.update(extra_result or {})
-  if primary:
-    write_json_atomic(os.path.join(workdir, RESULT_FILE), result)
-  return result
+  return train(workdir=workdir,
+               schedule=Schedule(loop.num_steps, loop.eval_every,
+                                 loop.log_every, loop.checkpoint_every),
+               init_payload=init_payload, abstract=abstract,
+               older_layouts=((without_time, add_time),), start=start,
+               result=result, primary=jax.process_index() == 0)
 
 
 def _format_seconds(seconds: float) -> str:

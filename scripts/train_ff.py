@@ -16,7 +16,7 @@ from dni_jax import experiments
 from dni_jax import feedforward
 
 _D = experiments.FeedForwardExperiment
-flags.DEFINE_string('workdir', None, 'Output directory (required).')
+cli.define_workdir_flags()
 flags.DEFINE_enum('dataset', _D.dataset, list(data.DATASETS), 'Dataset.')
 flags.DEFINE_string('data_dir', None,
                     'Folder with the IDX files (MNIST, Fashion-MNIST) or '
@@ -43,11 +43,11 @@ flags.DEFINE_list('dni_layers', None,
                   'Put a DNI only after these layers (1-based; 3 = between '
                   'layers 3 and 4), backprop elsewhere (Fig. 9). Default: '
                   'after every hidden layer. Empty: none.')
-flags.DEFINE_float('p_update', 1.0,
+flags.DEFINE_float('p_update', _D.p_update,
                    'Sparse updates (Fig. 5 left): after each forward pass, '
                    'each block (each layer, with DNI everywhere) does its '
                    'backward pass and update with this probability.')
-flags.DEFINE_bool('synthetic_inputs', False,
+flags.DEFINE_bool('synthetic_inputs', _D.synthetic_inputs,
                   'Complete unlock (Fig. 5 right, Fig. 6): every layer above '
                   'the first reads a synthetic input predicted from the data '
                   '(one-hidden-layer model), so no layer waits for another; '
@@ -77,10 +77,6 @@ flags.DEFINE_integer('log_every', _D.log_every, 'Log progress every N steps.')
 flags.DEFINE_integer('checkpoint_every', _D.checkpoint_every,
                      'Checkpoint every N steps (and at the end).')
 flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and data order.')
-flags.DEFINE_bool('overwrite', False,
-                  'Start again in a workdir that holds a run of this project '
-                  'and nothing else (its run entries are deleted once flags '
-                  'and data are valid; a folder with other files is refused).')
 flags.DEFINE_integer('num_devices', None,
                      'Data parallelism: split each batch over this many local '
                      'devices (default: all; --batch_size must divide over '
@@ -126,33 +122,17 @@ def _int_list(flag: str, values: list[str]) -> tuple[int, ...]:
                      'list of integers') from None
 
 
+# Flags whose values are not the experiment's: comma-separated lists.
+CONVERT = {'dni_layers': lambda flag, v: None if v is None
+           else _int_list(flag, v),
+           'lr_boundaries': _int_list}
+
+
 def main(argv):
   cli.no_positional_arguments(argv)
   with cli.one_line_errors('train_ff.py'):
-    if not FLAGS.workdir:
-      raise ValueError('--workdir is required')
-    exp = experiments.FeedForwardExperiment(
-        workdir=FLAGS.workdir, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
-        data_source=FLAGS.data_source, model=FLAGS.model,
-        num_layers=FLAGS.num_layers, hidden_size=FLAGS.hidden_size,
-        method=FLAGS.method, sg_hidden_layers=FLAGS.sg_hidden_layers,
-        p_update=FLAGS.p_update, synthetic_inputs=FLAGS.synthetic_inputs,
-        stale_decay=FLAGS.stale_decay,
-        dni_layers=(None if FLAGS.dni_layers is None
-                    else _int_list('dni_layers', FLAGS.dni_layers)),
-        sg_hidden_size=FLAGS.sg_hidden_size,
-        learning_rate=FLAGS.learning_rate,
-        lr_boundaries=_int_list('lr_boundaries', FLAGS.lr_boundaries),
-        lr_decay=FLAGS.lr_decay, batch_size=FLAGS.batch_size,
-        num_steps=FLAGS.num_steps, eval_every=FLAGS.eval_every,
-        log_every=FLAGS.log_every, checkpoint_every=FLAGS.checkpoint_every,
-        seed=FLAGS.seed, overwrite=FLAGS.overwrite,
-        num_devices=FLAGS.num_devices,
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-        pipeline=FLAGS.pipeline, pipeline_stages=FLAGS.pipeline_stages,
-        pipeline_microbatches=FLAGS.pipeline_microbatches,
-        pipeline_programs=FLAGS.pipeline_programs)
+    exp = cli.experiment_from_flags(experiments.FeedForwardExperiment, FLAGS,
+                                    convert=CONVERT)
     if exp.pipeline:
       # Only the CPU backend reads this: one fake CPU device per stage.
       jax.config.update('jax_num_cpu_devices',

@@ -7,10 +7,11 @@ message and says how many 3s were among the last T^2 digits.
   python scripts/train_multinet.py --mode=dni --tick=4 --learning_rate=1e-4 \
       --num_steps=20000 --data_dir=/path/to/mnist --workdir=/tmp/multinet_dni
 
---mode: backprop (one graph of T^2 steps, one update of both every T^2 steps),
+--mode: bprop (one graph of T^2 steps, one update of both every T^2 steps),
 dni (A updates every T steps on sg_scale * M(message); B every T ticks, and
-trains M to its true message gradients), decoupled (A gets no gradient from
-B). A step is one time step of A (one digit per stream).
+trains M to its true message gradients), no_bprop (A gets no gradient from
+B); the older names backprop and decoupled are accepted. A step is one time
+step of A (one digit per stream).
 """
 
 from absl import app
@@ -18,16 +19,17 @@ from absl import flags
 from absl import logging
 
 from dni_jax import cli
+from dni_jax import methods
 from dni_jax import multinet
 from dni_jax import multinet_experiments
 
 _D = multinet_experiments.MultinetExperiment
-flags.DEFINE_string('workdir', None, 'Output directory (required).')
+cli.define_workdir_flags()
 flags.DEFINE_string('data_dir', None,
                     'Folder with the MNIST IDX files (train-images-idx3-ubyte'
                     '[.gz], ...); required.')
-flags.DEFINE_enum('mode', _D.mode, list(multinet.MODES),
-                  'backprop | dni | decoupled.')
+flags.DEFINE_enum('mode', _D.mode, methods.flag_values(multinet.MODES),
+                  'bprop | dni | no_bprop (also spelt backprop, decoupled).')
 flags.DEFINE_integer('tick', _D.tick, 'T: B ticks once every T steps of A.')
 flags.DEFINE_float('sg_scale', None,
                    'Factor on the synthetic gradient backpropagated into A '
@@ -54,25 +56,14 @@ flags.DEFINE_integer('eval_blocks', _D.eval_blocks,
                      'Blocks of tick^2 test steps scored per stream per '
                      'evaluation (after one unscored burn-in block).')
 flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and streams.')
-flags.DEFINE_bool('overwrite', False,
-                  'Start again in a workdir that holds a run of this project '
-                  'and nothing else (its run entries are deleted once flags '
-                  'and data are valid; a folder with other files is refused).')
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   cli.no_positional_arguments(argv)
   with cli.one_line_errors('train_multinet.py'):
-    exp = multinet_experiments.MultinetExperiment(
-        workdir=FLAGS.workdir, data_dir=FLAGS.data_dir, mode=FLAGS.mode,
-        tick=FLAGS.tick, sg_scale=FLAGS.sg_scale,
-        learning_rate=FLAGS.learning_rate, batch_size=FLAGS.batch_size,
-        hidden_size=FLAGS.hidden_size, num_steps=FLAGS.num_steps,
-        eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
-        checkpoint_every=FLAGS.checkpoint_every,
-        eval_streams=FLAGS.eval_streams, eval_blocks=FLAGS.eval_blocks,
-        seed=FLAGS.seed, overwrite=FLAGS.overwrite)
+    exp = cli.experiment_from_flags(
+        multinet_experiments.MultinetExperiment, FLAGS)
     result = multinet_experiments.train_multinet(exp)
   logging.info('result: %s', result)
   print(f'A test error {result["a_test_error"]:.2f}% (best '

@@ -16,11 +16,12 @@ from absl import flags
 from absl import logging
 
 from dni_jax import cli
+from dni_jax import methods
 from dni_jax import recurrent
 from dni_jax import rnn_experiments
 
 _D = rnn_experiments.RecurrentExperiment
-flags.DEFINE_string('workdir', None, 'Output directory (required).')
+cli.define_workdir_flags()
 flags.DEFINE_enum('task', _D.task, list(rnn_experiments.TASKS),
                   'copy | repeat_copy (curriculum, A.3) | ptb (character-level '
                   'Penn Treebank, bits per character).')
@@ -33,14 +34,14 @@ flags.DEFINE_integer('hidden_size', None,
                      'Core width; default as in A.3: 256 (copy tasks), 1024 '
                      '(PTB).')
 flags.DEFINE_integer('unroll', _D.unroll, 'T: steps of truncated BPTT.')
-flags.DEFINE_enum('method', _D.method, list(recurrent.METHODS),
-                  'bptt (delta_T = 0) | dni (synthetic gradient at the '
-                  'boundary) | dni_aux (plus future synthetic-gradient '
-                  'prediction).')
+flags.DEFINE_enum('method', _D.method, methods.flag_values(recurrent.METHODS),
+                  'bprop (truncated BPTT, delta_T = 0; also spelt bptt) | dni '
+                  '(synthetic gradient at the boundary) | dni_aux (plus '
+                  'future synthetic-gradient prediction).')
 flags.DEFINE_float('sg_scale', None,
                    'Scale of the synthetic gradient when consumed (default '
                    '0.1, A.3); DNI only.')
-flags.DEFINE_bool('sg_into_core', False,
+flags.DEFINE_bool('sg_into_core', _D.sg_into_core,
                   'Backpropagate the synthetic-gradient loss into the core '
                   '(A.3 searched over this).')
 flags.DEFINE_float('learning_rate', _D.learning_rate, 'Adam learning rate.')
@@ -60,10 +61,6 @@ flags.DEFINE_integer('eval_rows', None,
                      'contiguous streams, every character scored once '
                      '(default 64, whatever --batch_size is).')
 flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and data.')
-flags.DEFINE_bool('overwrite', False,
-                  'Start again in a workdir that holds a run of this project '
-                  'and nothing else (its run entries are deleted once flags '
-                  'and data are valid; a folder with other files is refused).')
 flags.DEFINE_integer('num_devices', None,
                      'Data parallelism: split the streams over this many '
                      'local devices (default: all; --batch_size and '
@@ -74,16 +71,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   cli.no_positional_arguments(argv)
   with cli.one_line_errors('train_rnn.py'):
-    exp = rnn_experiments.RecurrentExperiment(
-        workdir=FLAGS.workdir, task=FLAGS.task, data_dir=FLAGS.data_dir,
-        core=FLAGS.core, hidden_size=FLAGS.hidden_size, unroll=FLAGS.unroll,
-        method=FLAGS.method, sg_scale=FLAGS.sg_scale,
-        sg_into_core=FLAGS.sg_into_core, learning_rate=FLAGS.learning_rate,
-        batch_size=FLAGS.batch_size, num_steps=FLAGS.num_steps,
-        eval_every=FLAGS.eval_every, log_every=FLAGS.log_every,
-        checkpoint_every=FLAGS.checkpoint_every, patience=FLAGS.patience,
-        eval_rows=FLAGS.eval_rows, seed=FLAGS.seed, overwrite=FLAGS.overwrite,
-        num_devices=FLAGS.num_devices)
+    exp = cli.experiment_from_flags(rnn_experiments.RecurrentExperiment,
+                                    FLAGS)
     result = rnn_experiments.train_recurrent(exp)
   logging.info('result: %s', result)
   if FLAGS.task == 'ptb':

@@ -371,3 +371,202 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, mnist_dir):
   steps = [int(s) for s in os.listdir(workdir / 'checkpoints')]
   assert len(steps) == 1 and 50 <= steps[0] < 100000
   assert not (workdir / 'result.json').exists()
+
+
+# ---------------------------------------------------------------------------
+# The run harness every script shares (training.train), on a toy run.
+# ---------------------------------------------------------------------------
+
+def _toy_run(workdir, num_steps, nan_at=None):
+  """`training.train` on a counter: each step adds 1 (NaN at step `nan_at`,
+  as the loss). Returns result.json's dict."""
+  x = None
+
+  def start(payload, start_step):
+    nonlocal x
+    x = payload['x']
+    assert float(x) == start_step   # Restored where the checkpoint was.
+
+    def train_step(step):
+      nonlocal x
+      x = x + 1.0
+      loss = jnp.nan if step + 1 == nan_at else x
+      return {'loss': loss, 'other': jnp.ones(2)}
+
+    return training.Hooks(
+        train_step=train_step, log_text=lambda fetched: '',
+        evaluate_row=lambda step, fetched, seconds: {'x': float(x)},
+        payload=lambda seconds: {'x': x})
+
+  return training.train(
+      workdir=str(workdir),
+      schedule=training.Schedule(num_steps, eval_every=2, log_every=1,
+                                 checkpoint_every=2),
+      init_payload={'x': jnp.zeros(())}, start=start,
+      result=lambda stats, rows: {'x': rows[-1]['x'], 'steps': stats.step},
+      finite=('loss',))
+
+
+def test_harness_restores_logs_and_writes_the_result(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  assert _toy_run(workdir, 4) == {'x': 4.0, 'steps': 4}
+  # Extended: resumes from checkpoint 4 (x = 4), the rows go on.
+  assert _toy_run(workdir, 6) == {'x': 6.0, 'steps': 6}
+  assert [(r['step'], r['x']) for r in read_lines(workdir / 'metrics.jsonl')
+          ] == [(2, 2.0), (4, 4.0), (6, 6.0)]
+  with open(workdir / 'result.json') as f:
+    assert json.load(f) == {'x': 6.0, 'steps': 6}
+
+
+def test_harness_stops_at_the_first_non_finite_step(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  with pytest.raises(training.TrainingError,
+                     match='non-finite training loss at step 3; stopped'):
+    _toy_run(workdir, 8, nan_at=3)
+  # Checkpoint 2 is kept; the unhealthy state (step 4) is never saved.
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+  assert not (workdir / 'result.json').exists()
+
+
+# ---------------------------------------------------------------------------
+# One vocabulary of method names; scripts build experiments from their flags.
+# ---------------------------------------------------------------------------
+
+def test_old_method_names_are_aliases_recorded_as_before():
+  from dni_jax import methods  # pylint: disable=g-import-not-at-top
+  from dni_jax import multinet_experiments  # pylint: disable=g-import-not-at-top
+  from dni_jax import rnn_experiments  # pylint: disable=g-import-not-at-top
+  rnn = lambda m: rnn_experiments.RecurrentExperiment(workdir='w', method=m)
+  # config.json records the old value for either spelling: workdirs written
+  # before resume with the new one, and the other way round.
+  assert rnn('bprop').config_record() == rnn('bptt').config_record()
+  assert rnn('bprop').config_record()['method'] == 'bptt'
+  net = lambda m: multinet_experiments.MultinetExperiment(
+      workdir='w', data_dir='/d', mode=m)
+  for new, old in (('bprop', 'backprop'), ('no_bprop', 'decoupled')):
+    assert net(new).config_record() == net(old).config_record()
+    assert net(new).config_record()['mode'] == old
+  with pytest.raises(ValueError, match=r'--method=sgd: must be one of bprop, '
+                     r'dni, dni_aux \(or the older bptt\)$'):
+    rnn('sgd')
+  with pytest.raises(ValueError, match='--mode=bptt: must be one of bprop, '
+                     'dni, no_bprop'):
+    net('bptt')   # Another script's alias is not this one's.
+  assert methods.flag_values(('backprop', 'dni', 'decoupled')) == [
+      'bprop', 'dni', 'no_bprop', 'backprop', 'decoupled']
+
+
+@pytest.mark.parametrize('script, args, same_as', [
+    ('train_rnn.py', ['--method=bprop'], dict(method='bptt',
+                                              num_devices=None)),
+    ('train_rnn.py', ['--method=bptt', '--task=copy', '--unroll=3'],
+     dict(method='bptt', task='copy', unroll=3, num_devices=None)),
+    ('train_multinet.py', ['--data_dir=/d', '--mode=no_bprop'],
+     dict(data_dir='/d', mode='decoupled')),
+    ('train_multinet.py', ['--data_dir=/d', '--mode=backprop', '--tick=2'],
+     dict(data_dir='/d', mode='bprop', tick=2)),
+    ('train_ff.py', ['--dni_layers=1', '--lr_boundaries=', '--num_layers=3'],
+     dict(dni_layers=(1,), lr_boundaries=(), num_layers=3, num_devices=None)),
+    ('train_ff.py', ['--method=bprop', '--lr_boundaries=5,7'],
+     dict(method='bprop', lr_boundaries=(5, 7), num_devices=None)),
+])
+def test_scripts_build_the_experiment_from_flags_of_the_same_names(
+    script, args, same_as):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import conftest  # pylint: disable=g-import-not-at-top
+  from dni_jax import multinet_experiments  # pylint: disable=g-import-not-at-top
+  from dni_jax import rnn_experiments  # pylint: disable=g-import-not-at-top
+  experiment = {'train_ff.py': experiments.FeedForwardExperiment,
+                'train_rnn.py': rnn_experiments.RecurrentExperiment,
+                'train_multinet.py': multinet_experiments.MultinetExperiment
+                }[script]
+  with conftest.absl_state_restored():
+    spec = importlib.util.spec_from_file_location(
+        f'{script[:-3]}_flags_test', os.path.join(REPO, 'scripts', script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.FLAGS([script, '--workdir=w', *args])
+    try:
+      exp = module.cli.experiment_from_flags(
+          experiment, module.FLAGS,
+          convert=getattr(module, 'CONVERT', None))
+    finally:
+      module.FLAGS.unparse_flags()
+  assert exp == experiment(workdir='w', **same_as)
+
+
+@pytest.mark.parametrize('kind', ['recurrent', 'multinet'])
+def test_recurrent_and_multinet_runs_stop_on_a_non_finite_metric(
+    tmp_path, monkeypatch, kind):
+  """The harness's health check guards every script's run: a NaN metric at
+  one step stops it there, and nothing after the last good checkpoint is
+  saved."""
+  import conftest  # pylint: disable=g-import-not-at-top
+  from dni_jax import multinet  # pylint: disable=g-import-not-at-top
+  from dni_jax import multinet_experiments  # pylint: disable=g-import-not-at-top
+  from dni_jax import recurrent  # pylint: disable=g-import-not-at-top
+  from dni_jax import rnn_experiments  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  calls = {'n': 0}
+  if kind == 'recurrent':
+    real = recurrent.make_recurrent
+    def make(config):
+      rec = real(config)
+      def step(state, chunk):
+        calls['n'] += 1
+        state, metrics = rec.train_step(state, chunk)
+        if calls['n'] == 3:
+          metrics = {**metrics, 'aux_loss': jnp.inf}
+        return state, metrics
+      return rec._replace(train_step=step)
+    monkeypatch.setattr(recurrent, 'make_recurrent', make)
+    exp = rnn_experiments.RecurrentExperiment(
+        workdir=str(workdir), task='copy', hidden_size=8, unroll=2,
+        batch_size=4, num_steps=8, eval_every=2, log_every=4,
+        checkpoint_every=2)
+    run, bad_step, kept = rnn_experiments.train_recurrent, 3, ['2']
+  else:
+    real = multinet.make_multinet
+    def make(config):
+      net = real(config)
+      def block(state_a, state_b, stream_block):
+        calls['n'] += 1
+        state_a, state_b, metrics = net.train_block(state_a, state_b,
+                                                    stream_block)
+        if calls['n'] == 2:
+          metrics = {**metrics, 'b_loss': jnp.nan}
+        return state_a, state_b, metrics
+      return net._replace(train_block=block)
+    monkeypatch.setattr(multinet, 'make_multinet', make)
+    exp = multinet_experiments.MultinetExperiment(
+        workdir=str(workdir),
+        data_dir=conftest.write_mnist_like(str(tmp_path / 'mnist'), 64, 32),
+        tick=2, hidden_size=8, batch_size=4, num_steps=16, eval_every=4,
+        log_every=8, checkpoint_every=4, eval_streams=4, eval_blocks=1)
+    run, bad_step, kept = multinet_experiments.train_multinet, 8, ['4']
+  with pytest.raises(training.TrainingError,
+                     match=f'non-finite .* at step {bad_step}; stopped'):
+    run(exp)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == kept
+  assert not (workdir / 'result.json').exists()
+
+
+@pytest.mark.parametrize('settings, message', [
+    (dict(num_layers=1), '--num_layers=1 must be >= 2'),
+    (dict(dni_layers=(2, 1)), '--dni_layers=2,1 must be strictly increasing'),
+    (dict(method='bprop', dni_layers=(1,)),
+     '--dni_layers is set but --method=bprop has no interfaces'),
+    (dict(model='cnn', synthetic_inputs=True),
+     '--synthetic_inputs is implemented for --model=fcn only'),
+    (dict(method='sgd'), '--method=sgd is not one of'),
+    (dict(lr_boundaries=(5, 3)), '--lr_boundaries=5,3 must be positive'),
+])
+def test_network_settings_are_checked_by_the_config_in_flag_words(
+    settings, message):
+  """FeedForwardExperiment leaves the network's settings to
+  FeedForwardConfig (one check each) and names the flags in its errors."""
+  with pytest.raises(ValueError) as info:
+    experiments.FeedForwardExperiment(workdir='w', **settings)
+  assert str(info.value).startswith(message)
