@@ -13,6 +13,8 @@ compiled step's HLO FLOPs (`cost_analysis`) count what XLA actually runs,
 element-wise work and any recomputation included.
 """
 
+import contextlib
+import functools
 import glob
 import math
 import os
@@ -194,6 +196,27 @@ def compiled_stats(jitted: Callable, *args) -> dict[str, float | None]:
   except Exception:
     pass
   return {'hlo_flops': flops, 'compiled_memory_bytes': memory}
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+  """`jax.lax.scan` fully unrolled while a function traces: XLA's cost
+  analysis counts a while loop's body once, whatever its trip count (a T-step
+  `recurrent.unroll` would count as one step)."""
+  scan = jax.lax.scan
+  jax.lax.scan = functools.partial(scan, unroll=True)
+  try:
+    yield
+  finally:
+    jax.lax.scan = scan
+
+
+def scan_unrolled_flops(fn: Callable, *args) -> float | None:
+  """XLA's FLOPs of one call of `fn` (a pure, un-jitted function), traced
+  afresh with every `lax.scan` unrolled, so loop bodies count once per
+  iteration."""
+  with unrolled_scans():
+    return compiled_stats(jax.jit(fn), *args)['hlo_flops']
 
 
 def device_peak_memory_bytes() -> int | None:

@@ -26,7 +26,6 @@ Every evaluation, at the parameters of that moment:
       cut-dependence. At the end, the test BPC at the same cuts.
 """
 
-import contextlib
 import functools
 import math
 import time
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fidelity_rnn as fr
-from dni_jax import benchmarking
+from dni_jax import bench_metrics
 from dni_jax import recurrent
 from dni_jax.data import ptb
 
@@ -159,19 +158,6 @@ def model_config(method: str, vocab: int) -> recurrent.RecurrentConfig:
       learning_rate=flags.learning_rate)
 
 
-@contextlib.contextmanager
-def unrolled_scans():
-  """`jax.lax.scan` fully unrolled while the block traces: XLA's cost
-  analysis counts a while loop's body once, whatever its trip count (a
-  T-step `recurrent.unroll` would count as one step)."""
-  scan = jax.lax.scan
-  jax.lax.scan = functools.partial(scan, unroll=True)
-  try:
-    yield
-  finally:
-    jax.lax.scan = scan
-
-
 def step_costs(methods: list[str], vocab: int) -> dict[str, dict[str, Any]]:
   """XLA's FLOP count of one training step per method at --hidden_size and
   --batch_size (compiled with the scans unrolled, not run)."""
@@ -184,10 +170,9 @@ def step_costs(methods: list[str], vocab: int) -> dict[str, dict[str, Any]]:
         jax.random.key(0), batch, jnp.zeros((batch, t), jnp.int32)))
     ints = jax.ShapeDtypeStruct((batch, t), jnp.int32)
     floats = jax.ShapeDtypeStruct((batch, t), jnp.float32)
-    with unrolled_scans():
-      flops = benchmarking.compiled_flops(
-          jax.jit(functools.partial(recurrent.train_step, config)), state,
-          recurrent.Chunk(ints, ints, floats, floats))
+    flops = bench_metrics.scan_unrolled_flops(
+        functools.partial(recurrent.train_step, config), state,
+        recurrent.Chunk(ints, ints, floats, floats))
     out[method] = {'unroll': t, 'hidden_size': config.hidden_size,
                    'batch_size': batch, 'characters_per_step': batch * t,
                    'gflop_per_step': None if flops is None

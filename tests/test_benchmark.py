@@ -270,3 +270,20 @@ def test_markdown_table_formats_numbers_and_missing_values():
       [{'a': 1.23456, 'b': None}, {'a': 'x', 'b': 3}], ['a', 'b'])
   assert table.splitlines() == ['| a | b |', '|---|---|', '| 1.235 | – |',
                                 '| x | 3 |']
+
+
+def test_lstm_hlo_flops_count_every_step_of_the_unroll():
+  """XLA's cost analysis counts a scan body once; the LSTM rows trace the step
+  with the scan unrolled, so doubling T about doubles the HLO FLOPs and they
+  stay near the analytic count (counted once, the scan would give ~1x and
+  a fraction of it)."""
+  flops = {}
+  for unroll in (4, 8):
+    (row,) = benchmarking.run_models_suite(
+        ['lstm'], ['bprop'], settings(batch_size=4),
+        overrides={'lstm': {'hidden_size': 128, 'vocab': 5, 'unroll': unroll}})
+    flops[unroll] = row['hlo_flops_per_step']
+    # Analytic: 3 x (the core's 4 gates over [x; h] + the readout) per step.
+    analytic = 3 * 2 * 4 * unroll * (4 * (5 + 128) * 128 + 128 * 5)
+    assert analytic <= flops[unroll] <= 1.5 * analytic
+  assert flops[8] / flops[4] == pytest.approx(2.0, rel=0.05)
