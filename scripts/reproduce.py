@@ -102,10 +102,15 @@ FIDELITY = {
     'fid_mcheck_sg1e-9': ('recall_m_check', '--seeds=0,1,2 --sg_scale=1e-9'),
     'fid_mcheck_sg1e-15': ('recall_m_check', '--seeds=0,1,2 --sg_scale=1e-15 --lag_every=5 --m_steps=500'),
     'fid_multinet': ('fidelity_rnn', '--experiment=multinet --tick=3 --hidden_size=64 --num_steps=2700 --eval_every=450 --eval_streams=64 --eval_blocks=4 --seeds=0,1,2'),
-    # Accelerator runs (claims 1, 3 and 4 of the feed-forward section).
+    'fid_ptb': ('fidelity_rnn', '--experiment=ptb --unroll=5 --long_unroll=20 --hidden_size=128 --batch_size=64 --learning_rate=1e-3 --num_steps=3000 --eval_every=300 --horizon=20 --eval_rows=64,1 --seeds=0,1,2 --methods=dni,dni_aux,bptt,bptt_long'),
+    'fid_ptb_aux_only': ('fidelity_rnn', '--experiment=ptb --unroll=5 --long_unroll=20 --hidden_size=128 --batch_size=64 --learning_rate=1e-3 --num_steps=3000 --eval_every=300 --horizon=20 --eval_rows=64,1 --seeds=0,1,2 --methods=dni_aux --sg_scale=1e-6'),
+    'fid_ptb_dni_sg_off': ('fidelity_rnn', '--experiment=ptb --unroll=5 --long_unroll=20 --hidden_size=128 --batch_size=64 --learning_rate=1e-3 --num_steps=3000 --eval_every=300 --horizon=20 --eval_rows=64,1 --seeds=0,1,2 --methods=dni --sg_scale=1e-6'),
+    # Accelerator runs (claims 1, 3 and 4 of the feed-forward section; PTB).
     'fid_gpu_mnist': ('fidelity_ff', '--methods=bprop,dni --num_layers=4,6 --seeds=0,1,2 --learning_rates=3e-5 --num_steps=500000 --num_evals=50'),
     'fid_gpu_cifar': ('fidelity_ff', '--dataset=cifar10 --methods=bprop,cdni --num_layers=3,4,5,6 --hidden_size=1000 --sg_hidden_layers=1 --sg_hidden_size=4000 --seeds=0,1,2 --learning_rates=3e-5 --num_steps=500000 --num_evals=50'),
     'fid_gpu_cnn': ('fidelity_ff', '--model=cnn --methods=no_bprop,bprop,dni,cdni --num_layers=3 --seeds=0,1,2 --learning_rates=3e-5 --num_steps=500000 --num_evals=20'),
+    'fid_gpu_ptb': ('fidelity_rnn', '--experiment=ptb --methods=bptt,dni,dni_aux --unroll=5 --hidden_size=1024 --batch_size=256 --learning_rate=7e-5 --num_steps=200000 --eval_every=5000 --eval_rows=64,16 --seeds=0,1,2'),
+    'fid_gpu_ptb_T20': ('fidelity_rnn', '--experiment=ptb --methods=bptt_long --long_unroll=20 --hidden_size=1024 --batch_size=256 --learning_rate=7e-5 --num_steps=50000 --eval_every=1250 --eval_rows=64,16 --seeds=0,1,2'),
 }
 # pylint: enable=line-too-long
 EXPERIMENTS = GRIDS + tuple(FIDELITY)
