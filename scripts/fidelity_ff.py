@@ -351,18 +351,42 @@ def train_run(run_dir: str, config: feedforward.FeedForwardConfig, steps: int,
   return result
 
 
+CURVE_KEYS = ('train_loss', 'test_error', 'train_sg_cos', 'train_sg_cos_hi',
+              'train_sg_cos_pooled', 'train_target_cos', 'train_update_cos',
+              'train_fit_r2')
+
+
+def _stats(values) -> dict:
+  """Mean, std, min and max over the first axis (seeds)."""
+  v = np.asarray(values, np.float64)
+  return {'mean': np.round(v.mean(0), 4).tolist(),
+          'std': np.round(v.std(0), 4).tolist(),
+          'min': np.round(v.min(0), 4).tolist(),
+          'max': np.round(v.max(0), 4).tolist()}
+
+
+def curve(runs: list[dict]) -> dict:
+  """Seed statistics at every evaluation of runs with the same evaluation
+  steps: {'step': [...], key: _stats over seeds of [steps(, interfaces)]}
+  for each of CURVE_KEYS present in every row ({} if the steps differ)."""
+  steps = [[r['step'] for r in run['rows']] for run in runs]
+  if any(s != steps[0] for s in steps):
+    return {}
+  out = {'step': steps[0]}
+  for key in CURVE_KEYS:
+    if all(key in r for run in runs for r in run['rows']):
+      out[key] = _stats([[r[key] for r in run['rows']] for run in runs])
+  return out
+
+
 def summarise(results: dict[str, dict]) -> dict:
   """Per group of seeds: mean, std and range of the final test error and
-  training loss, and of every final diagnostic (per interface)."""
+  training loss, of every final diagnostic (per interface), and of the
+  CURVE_KEYS at every evaluation ('curve')."""
   groups = {}
   for name, res in results.items():
     groups.setdefault(name.rsplit('_s', 1)[0], []).append(res)
-  def stats(values):
-    v = np.asarray(values, np.float64)
-    return {'mean': np.round(v.mean(0), 4).tolist(),
-            'std': np.round(v.std(0), 4).tolist(),
-            'min': np.round(v.min(0), 4).tolist(),
-            'max': np.round(v.max(0), 4).tolist()}
+  stats = _stats
   summary = {}
   for key, runs in sorted(groups.items()):
     entry = {'seeds': len(runs),
@@ -371,6 +395,7 @@ def summarise(results: dict[str, dict]) -> dict:
     finals = [r.get('final', {}) for r in runs]
     for k in sorted(set.intersection(*(set(f) for f in finals))):
       entry[k] = stats([f[k] for f in finals])
+    entry['curve'] = curve(runs)
     summary[key] = entry
   return summary
 
@@ -382,6 +407,7 @@ def plot(results: dict[str, dict], path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   panels = [('test_error', 'test error %'),
+            ('train_loss', 'train loss (since last eval)'),
             ('train_sg_cos', 'SG cos, per example'),
             ('train_sg_cos_hi', 'SG cos, top-decile loss'),
             ('train_sg_cos_pooled', 'SG cos, pooled'),
@@ -402,7 +428,7 @@ def plot(results: dict[str, dict], path: str) -> None:
         if values and values[0] is None:
           ax.set_axis_off()
           continue
-        if key == 'test_error':
+        if key in ('test_error', 'train_loss'):
           ax.plot(steps, values, color='k', alpha=0.6)
         else:
           series = np.asarray(values, np.float64)
@@ -520,6 +546,12 @@ def main(argv):
           d = entry[f'train_{k}']
           print(f'  train probe {k:18s} mean {d["mean"]}  '
                 f'min {d["min"]}  max {d["max"]}')
+      c = entry['curve']
+      if 'train_loss' in c:
+        print(f'  over training, steps {c["step"]}:')
+        for k in ('train_loss', 'train_sg_cos_pooled'):
+          if k in c:
+            print(f'    {k} mean {c[k]["mean"]}  std {c[k]["std"]}')
     if FLAGS.summary_json:
       training.write_json_atomic(FLAGS.summary_json,
                                  {'summary': summary, 'runs': results})

@@ -231,3 +231,38 @@ def test_script_runs_resumes_and_reports_bad_flags(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       'fidelity_ff.py: error: --stale_decays: must be in [0, 1)')
   assert not os.path.exists(bad)
+
+
+def test_curve_gives_seed_statistics_at_every_evaluation():
+  """summarise()'s 'curve': per evaluation step, mean / std / min / max over
+  seeds of the training loss and of each interface's cosine, written out here
+  by hand; only keys present in every row; {} when the seeds' steps differ."""
+  fidelity = _script_module()
+  def run(losses, cosines, steps=(10, 20)):
+    rows = [{'step': s, 'train_loss': l, 'test_error': 50.0, 'seconds': 1.0,
+             **({'train_sg_cos': c} if c is not None else {})}
+            for s, l, c in zip(steps, losses, cosines)]
+    return {'rows': rows, 'test_error': 50.0, 'final': {}}
+  results = {
+      'g_dni_s0': run([2.0, 1.0], [[0.1, 0.5], [0.3, 0.9]]),
+      'g_dni_s1': run([1.0, 0.5], [[-0.1, 0.3], [0.1, 0.7]]),
+      'g_bprop_s0': run([3.0, 2.0], [None, None]),
+      'g_odd_s0': run([1.0, 1.0], [None, None]),
+      'g_odd_s1': run([1.0, 1.0], [None, None], steps=(10, 30)),
+  }
+  summary = fidelity.summarise(results)
+  dni = summary['g_dni']['curve']
+  assert dni['step'] == [10, 20]
+  assert dni['train_loss'] == {'mean': [1.5, 0.75], 'std': [0.5, 0.25],
+                               'min': [1.0, 0.5], 'max': [2.0, 1.0]}
+  np.testing.assert_allclose(dni['train_sg_cos']['mean'],
+                             [[0.0, 0.4], [0.2, 0.8]], atol=1e-12)
+  np.testing.assert_allclose(dni['train_sg_cos']['std'],
+                             [[0.1, 0.1], [0.1, 0.1]], atol=1e-12)
+  np.testing.assert_allclose(dni['train_sg_cos']['min'],
+                             [[-0.1, 0.3], [0.1, 0.7]], atol=1e-12)
+  assert 'train_update_cos' not in dni
+  bprop = summary['g_bprop']['curve']
+  assert sorted(bprop) == ['step', 'test_error', 'train_loss']
+  assert bprop['train_loss']['mean'] == [3.0, 2.0]
+  assert summary['g_odd']['curve'] == {}
