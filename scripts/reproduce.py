@@ -94,6 +94,8 @@ FIDELITY = {
     'fid_paper_lr': ('fidelity_ff', '--methods=bprop,dni --seeds=0 --learning_rates=3e-5 --lr_schedule=constant --num_steps=1000'),
     'fid_stale': ('fidelity_ff', '--methods=no_bprop,stale --stale_decays=0 --seeds=0,1,2 --learning_rates=3e-4 --num_steps=3000 --probe_size=256'),
     'fid_stale_lr3e-5': ('fidelity_ff', '--methods=no_bprop,stale --stale_decays=0 --seeds=0,1,2 --learning_rates=3e-5 --num_steps=3000 --probe_size=256'),
+    'fid_cifar_depth': ('fidelity_ff', '--dataset=cifar10 --hidden_size=256 --sg_hidden_layers=1 --sg_hidden_size=1024 --lr_schedule=constant --learning_rates=3e-4 --num_steps=2000 --num_evals=10 --seeds=0,1,2 --methods=cdni,bprop --num_layers=3,4,5,6'),
+    'fid_cnn': ('fidelity_ff', '--model=cnn --hidden_size=16 --num_layers=3 --batch_size=64 --lr_schedule=constant --learning_rates=3e-4 --num_steps=600 --num_evals=6 --seeds=0,1,2 --methods=no_bprop,bprop,dni,cdni'),
     'fid_recall_nodistract': ('fidelity_rnn', '--experiment=recall --nodistractors --methods=bptt --num_steps=1000 --eval_every=250 --seeds=0,1,2'),
     'fid_recall_lr1e-3': ('fidelity_rnn', '--experiment=recall --num_steps=3000 --eval_every=250 --seeds=0,1,2'),
     'fid_recall_lr3e-4': ('fidelity_rnn', '--experiment=recall --learning_rate=3e-4 --methods=bptt,dni --num_steps=3000 --eval_every=250 --seeds=0,1,2'),
