@@ -23,6 +23,7 @@ from dni_jax import multinet_experiments
 from dni_jax import recurrent
 from dni_jax import rnn_experiments
 from dni_jax import training
+from dni_jax.training import loop as training_loop
 from dni_jax.data import ptb
 
 
@@ -208,7 +209,7 @@ def _check_tensorboard_and_time(workdir):
 
 
 class _Clock:
-  """perf_counter for training.run_loop: one second per call."""
+  """perf_counter for training.run_loop (training/loop.py): 1 s per call."""
 
   def __init__(self):
     self.now = 0.0
@@ -230,7 +231,7 @@ def test_feed_forward_tensorboard_and_cumulative_train_time(tmp_path,
                                                             monkeypatch):
   data_dir = conftest.write_mnist_like(str(tmp_path / 'mnist'), 64, 32)
   # Each log point adds one clock second, so train_time counts log points.
-  monkeypatch.setattr(training, 'time', _Clock())
+  monkeypatch.setattr(training_loop, 'time', _Clock())
   full = _ff_experiment(tmp_path / 'full', data_dir)
   experiments.train_feedforward(full)
   rows, _ = _check_tensorboard_and_time(full.workdir)
@@ -240,7 +241,7 @@ def test_feed_forward_tensorboard_and_cumulative_train_time(tmp_path,
   # Killed after step 18 (rows 5, 10, 15 written, checkpoint at 10), then
   # rerun: row 15 is written again; TensorBoard must show it once, and the
   # training time goes on from the checkpoint's.
-  monkeypatch.setattr(training, 'time', _Clock())
+  monkeypatch.setattr(training_loop, 'time', _Clock())
   crashed = _ff_experiment(tmp_path / 'crashed', data_dir)
   real_make = dni_jax.feedforward.make_feedforward
   calls = {'n': 0}

@@ -19,6 +19,7 @@ from dni_jax import experiments
 from dni_jax import multinet_experiments
 from dni_jax import rnn_experiments
 from dni_jax import training
+from dni_jax.training import workdir as training_workdir
 from dni_jax.data import datasets
 from dni_jax.data import tfds_source
 
@@ -294,7 +295,7 @@ def test_workdir_under_a_file_is_one_line(tmp_path):
 def test_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
   """Read-only filesystem or missing permission (root ignores permission
   bits, so the OS answer is simulated)."""
-  monkeypatch.setattr(training.os, 'access', lambda path, mode: False)
+  monkeypatch.setattr(training_workdir.os, 'access', lambda path, mode: False)
   with pytest.raises(training.WorkdirError,
                      match='not writable .read-only filesystem'):
     training.check_workdir(str(tmp_path / 'new'), {'a': 1}, False)
@@ -305,7 +306,7 @@ def test_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
 
   def read_only(path, *args, **kw):
     raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
-  monkeypatch.setattr(training.os, 'makedirs', read_only)
+  monkeypatch.setattr(training_workdir.os, 'makedirs', read_only)
   with pytest.raises(training.WorkdirError,
                      match=r'--workdir .*: .*new: Read-only file system$'):
     training.prepare_workdir(str(tmp_path / 'new'), {'a': 1}, False)
@@ -353,7 +354,7 @@ def test_orbax_errors_are_logged_without_tracebacks(caplog):
     exc_info = sys.exc_info()
   for level, path in ((std_logging.ERROR, '/site-packages/orbax/x.py'),
                       (std_logging.INFO, '/site-packages/orbax/x.py'),
-                      (std_logging.ERROR, '/dni_jax/training.py')):
+                      (std_logging.ERROR, '/dni_jax/training/checkpoint.py')):
     logger.handle(logger.makeRecord(
         'absl', level, path, 1, 'failed: %s\nline two', ('why',), exc_info))
   records = [(r.pathname, r.getMessage(), r.exc_info) for r in caplog.records]
