@@ -131,7 +131,10 @@ def single_optimizer_layout(tx: optax.GradientTransformation, state):
     return restored._replace(opt_state=jax.tree.map(
         lambda x, like: jax.device_put(x, like.sharding, may_alias=False),
         split, state.opt_state))
-  return state._replace(opt_state=tx.init(state.params)), upgrade
+  # Placed as `state`'s optimiser states are (replicated over a mesh, say).
+  sharding = jax.tree.leaves(state.opt_state)[0].sharding
+  single = jax.jit(tx.init, out_shardings=sharding)(state.params)
+  return state._replace(opt_state=single), upgrade
 
 
 def regress(model, tx: optax.GradientTransformation, state: ModuleState,

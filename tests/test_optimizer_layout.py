@@ -5,6 +5,8 @@ bit-identically: the same metrics as a run that never stopped."""
 import os
 import shutil
 
+import pytest
+
 from dni_jax import multinet_experiments
 from dni_jax import rnn_experiments
 from dni_jax import training
@@ -58,13 +60,14 @@ def _check_old_layout_resumes(make_exp, train, half, state_keys):
           == strip(training.read_metrics(full.workdir)))
 
 
-def test_recurrent_workdir_with_one_adam_state_resumes(tmp_path):
+@pytest.mark.parametrize('num_devices', [1, 2])   # 2: streams sharded.
+def test_recurrent_workdir_with_one_adam_state_resumes(tmp_path, num_devices):
   def make_exp(name, num_steps):
     return rnn_experiments.RecurrentExperiment(
         workdir=str(tmp_path / name), task='copy', method='dni_aux',
         hidden_size=8, unroll=3, learning_rate=1e-2, batch_size=4,
         num_steps=num_steps or 6, eval_every=3, log_every=1,
-        checkpoint_every=3)
+        checkpoint_every=3, num_devices=num_devices)
   _check_old_layout_resumes(make_exp, rnn_experiments.train_recurrent, 3,
                             ('state',))
 
