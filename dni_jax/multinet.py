@@ -22,6 +22,7 @@ import optax
 from dni_jax import functional
 from dni_jax import interface
 from dni_jax import losses
+from dni_jax import sources
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -63,7 +64,7 @@ class NetState(NamedTuple):
   """One network's training state (A and B are separate states)."""
   params: Params      # A: {fcn1, fcn2, core, readout, message}; B: {core,
                       # readout, sg (dni only)}.
-  opt_state: Any      # Adam's.
+  opt_state: dict     # Each module's own Adam state, keyed as params.
   bn_stats: Params    # Running {'mean', 'var'} per BN site, each f32[D].
   carry: LstmState    # The LSTM state carried to the next update, f32[B, H].
   updates: Array      # i32[]: parameter updates made so far.
@@ -325,10 +326,9 @@ def make_optimizer(config: MultinetConfig) -> optax.GradientTransformation:
 
 def _apply(config: MultinetConfig, state: NetState, grads: Params,
            moments: Params, carry: LstmState) -> NetState:
-  updates, opt_state = make_optimizer(config).update(grads, state.opt_state,
-                                                     state.params)
-  return NetState(params=optax.apply_updates(state.params, updates),
-                  opt_state=opt_state,
+  params, opt_state = sources.apply_gradients_to_modules(
+      make_optimizer(config), state.params, state.opt_state, grads)
+  return NetState(params=params, opt_state=opt_state,
                   bn_stats=update_stats(config, state.bn_stats, moments),
                   carry=carry, updates=state.updates + 1)
 
@@ -503,7 +503,8 @@ def init_states(config: MultinetConfig, key: Array, batch_size: int
   states = []
   for params, stats in (init_a(config, key_a), init_b(config, key_b)):
     states.append(NetState(params=params,
-                           opt_state=make_optimizer(config).init(params),
+                           opt_state=sources.init_modules(
+                               make_optimizer(config), params),
                            bn_stats=stats,
                            carry=zero_carry(config, batch_size),
                            updates=jnp.zeros((), jnp.int32)))

@@ -22,6 +22,7 @@ import numpy as np
 
 from dni_jax import methods
 from dni_jax import multinet
+from dni_jax import sources
 from dni_jax import training
 from dni_jax.data import datasets
 
@@ -207,6 +208,14 @@ def train_multinet(exp: MultinetExperiment) -> dict:
   state_a, state_b = net.init(jax.random.key(exp.seed), exp.batch_size)
   init_payload = {'a': state_a, 'b': state_b,
                   'train_time': np.zeros((), np.float64)}
+  # Checkpoints written before the modules had their own Adam states.
+  tx = multinet.make_optimizer(exp.model_config())
+  (single_a, upgrade_a), (single_b, upgrade_b) = (
+      sources.single_optimizer_layout(tx, s) for s in (state_a, state_b))
+  older_layouts = ((jax.eval_shape(lambda: {**init_payload, 'a': single_a,
+                                            'b': single_b}),
+                    lambda p: {**p, 'a': upgrade_a(p['a']),
+                               'b': upgrade_b(p['b'])}),)
   train_time = 0.0
   sums, sums_blocks = None, 0   # Training answers since the last evaluation.
 
@@ -272,4 +281,5 @@ def train_multinet(exp: MultinetExperiment) -> dict:
       schedule=training.Schedule(exp.num_steps, r['eval_every'],
                                  r['log_every'], r['checkpoint_every'],
                                  steps_per_call=block),
-      init_payload=init_payload, start=start, result=result, finite=FINITE)
+      init_payload=init_payload, older_layouts=older_layouts, start=start,
+      result=result, finite=FINITE)

@@ -21,6 +21,7 @@ import optax
 from dni_jax import functional
 from dni_jax import interface
 from dni_jax import losses
+from dni_jax import sources
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -79,7 +80,7 @@ class Carry(NamedTuple):
 
 class RecurrentState(NamedTuple):
   params: Params            # {'core', 'readout', 'sg', 'aux'} (sg/aux: DNI only).
-  opt_state: Any
+  opt_state: dict          # Each module's own Adam state, keyed as params.
   carry: Carry
   step: Array               # i32[].
 
@@ -341,7 +342,8 @@ def init_state(config: RecurrentConfig, key: Array, batch_size: int,
                example_inputs: Array) -> RecurrentState:
   params = init_params(config, key)
   return RecurrentState(params=params,
-                    opt_state=make_optimizer(config).init(params),
+                    opt_state=sources.init_modules(make_optimizer(config),
+                                                   params),
                     carry=init_carry(config, batch_size, example_inputs),
                     step=jnp.zeros((), jnp.int32))
 
@@ -367,9 +369,8 @@ def train_step(config: RecurrentConfig, state: RecurrentState, chunk: Chunk
     grads = dict(dni_grads)   # sg, aux; its readout gradient is zero.
     grads['core'] = jax.tree.map(jnp.add, dni_grads['core'], out.grads['core'])
     grads['readout'] = out.grads['readout']
-  updates, opt_state = make_optimizer(config).update(grads, state.opt_state,
-                                                     params)
-  params = optax.apply_updates(params, updates)
+  params, opt_state = sources.apply_gradients_to_modules(
+      make_optimizer(config), params, state.opt_state, grads)
 
   # Keep the last K steps for the next step's synthetic-gradient/aux losses.
   k = config.replay_length

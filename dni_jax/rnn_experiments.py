@@ -22,6 +22,7 @@ from dni_jax import methods
 from dni_jax import parallel
 from dni_jax import recurrent
 from dni_jax import rnn_tasks
+from dni_jax import sources
 from dni_jax import training
 from dni_jax.data import ptb
 
@@ -325,6 +326,11 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
                                     jnp.asarray(task.example_inputs())),
                   'task': dict(task.host), 'train_bits_sum': zero,
                   'train_bits_count': zero, 'train_time': zero}
+  # Checkpoints written before the modules had their own Adam states.
+  single_adam, upgrade = sources.single_optimizer_layout(
+      recurrent.make_optimizer(config), init_payload['state'])
+  older_layouts = (({**init_payload, 'state': single_adam},
+                    lambda p: {**p, 'state': upgrade(p['state'])}),)
   state, bits_sum, bits_count, train_time = None, 0.0, 0.0, 0.0
   pending = []   # Device bits of the steps since the last log point.
 
@@ -400,5 +406,5 @@ def train_recurrent(exp: RecurrentExperiment) -> dict:
       workdir=exp.workdir,
       schedule=training.Schedule(exp.num_steps, exp.resolved['eval_every'],
                                  exp.log_every, exp.checkpoint_every),
-      init_payload=init_payload, abstract=init_payload, start=start,
-      result=result, finite=FINITE)
+      init_payload=init_payload, abstract=init_payload,
+      older_layouts=older_layouts, start=start, result=result, finite=FINITE)

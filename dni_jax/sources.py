@@ -90,6 +90,53 @@ def apply_gradients(tx: optax.GradientTransformation, state: ModuleState,
                      opt_state)
 
 
+def init_modules(tx: optax.GradientTransformation, params: dict) -> dict:
+  """Each module of a dict of modules (params without batch statistics) gets
+  its own optimiser state: {name: tx.init(params[name])}."""
+  return {name: tx.init(p) for name, p in params.items()}
+
+
+def apply_gradients_to_modules(tx: optax.GradientTransformation, params: dict,
+                               opt_states: dict, grads: dict
+                               ) -> tuple[dict, dict]:
+  """`apply_gradients` on each module of a dict of modules, each with its own
+  optimiser state (`init_modules`); returns (params, opt_states)."""
+  states = {name: apply_gradients(tx, ModuleState(p, {}, opt_states[name]),
+                                  grads[name], {})
+            for name, p in params.items()}
+  return ({name: s.params for name, s in states.items()},
+          {name: s.opt_state for name, s in states.items()})
+
+
+def split_opt_state(opt_state: Any, names) -> dict:
+  """One optimiser state over a dict of modules (checkpoints written before
+  modules had their own) -> `init_modules`' layout. Exact for element-wise
+  optimisers (Adam): each module keeps its slice of every per-parameter
+  statistic and a copy of the shared ones (the step count)."""
+  names = set(names)
+  is_modules = lambda x: isinstance(x, dict) and set(x) == names
+  return {name: jax.tree.map(lambda x, n=name: x[n] if is_modules(x) else x,
+                             opt_state, is_leaf=is_modules)
+          for name in sorted(names)}
+
+
+def single_optimizer_layout(tx: optax.GradientTransformation, state):
+  """Checkpoints written when the modules of a state (`state.params`, a dict)
+  shared one optimiser state: returns that layout of `state` (what such a
+  checkpoint restores as) and `upgrade(restored)`, which gives it each
+  module's own state (`split_opt_state`) on `state`'s devices, each in its
+  own buffer (the shared step count is copied: states may be donated)."""
+  def upgrade(restored):
+    split = split_opt_state(restored.opt_state, restored.params)
+    return restored._replace(opt_state=jax.tree.map(
+        lambda x, like: jax.device_put(x, like.sharding, may_alias=False),
+        split, state.opt_state))
+  # Placed as `state`'s optimiser states are (replicated over a mesh, say).
+  sharding = jax.tree.leaves(state.opt_state)[0].sharding
+  single = jax.jit(tx.init, out_shardings=sharding)(state.params)
+  return state._replace(opt_state=single), upgrade
+
+
 def regress(model, tx: optax.GradientTransformation, state: ModuleState,
             inputs: tuple, target: Array):
   """One optimiser step of `model(*inputs)` towards a constant target, L2 loss

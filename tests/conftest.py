@@ -84,3 +84,15 @@ def absl_state_restored():
     for name in set(flags.FLAGS) - names:
       delattr(flags.FLAGS, name)
     absl_logging.get_absl_logger().setLevel(level)
+
+
+def one_adam_state(per_module):
+  """Each module's own Adam state, {name: (ScaleByAdamState, EmptyState)}, as
+  the one state a reference's single `optax.adam` over the dict of modules
+  has; the modules' step counts must agree."""
+  counts = {int(s[0].count) for s in per_module.values()}
+  assert len(counts) == 1, counts
+  adam, rest = next(iter(per_module.values()))
+  return (adam._replace(mu={n: s[0].mu for n, s in per_module.items()},
+                        nu={n: s[0].nu for n, s in per_module.items()}),
+          rest)

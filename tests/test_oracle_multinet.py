@@ -216,8 +216,8 @@ def _initial_states(config):
         0.3 * jax.random.normal(k, x.shape) for k, x in
         zip(jax.random.split(keys[4], len(leaves)), leaves)])
     params = {**state_b.params, 'sg': sg}
-    state_b = state_b._replace(params=params,
-                               opt_state=optax.adam(LR).init(params))
+    state_b = state_b._replace(params=params, opt_state={
+        name: optax.adam(LR).init(p) for name, p in params.items()})
   return state_a, state_b
 
 
@@ -233,6 +233,7 @@ def _float64(tree):
 
 _copy = conftest.copy_tree
 _assert_close = conftest.assert_tree_close
+_one_adam = conftest.one_adam_state
 
 
 def _without_message_beta(tree):
@@ -254,8 +255,8 @@ def test_two_blocks_equal_the_reference(mode):
   net = multinet.make_multinet(config)
   with jax.enable_x64(True):
     state_a, state_b = _float64(_initial_states(config))
-    a = (state_a.params, state_a.opt_state, state_a.carry)
-    b = (state_b.params, state_b.opt_state, state_b.carry)
+    a = (state_a.params, _one_adam(state_a.opt_state), state_a.carry)
+    b = (state_b.params, _one_adam(state_b.opt_state), state_b.carry)
     state_a, state_b = _copy((state_a, state_b))
     for block in _float64(_blocks()):
       a, b, _ = _reference_block(mode, a, b, block)
@@ -265,11 +266,12 @@ def test_two_blocks_equal_the_reference(mode):
   assert int(state_a.updates) == (1 if mode == 'backprop' else T) * 2
   assert int(state_b.updates) == 2
   _assert_close(state_b.params, pb)
-  _assert_close(state_b.opt_state, ob)
+  _assert_close(_one_adam(state_b.opt_state), ob)
   _assert_close(state_b.carry, carry_b)
   _assert_close(state_a.carry, carry_a)
   if mode == 'backprop':
-    mu, nu = state_a.opt_state[0].mu, state_a.opt_state[0].nu
+    mu, nu = (_one_adam(state_a.opt_state)[0].mu,
+              _one_adam(state_a.opt_state)[0].nu)
     _assert_close(_without_message_beta(state_a.params),
                   _without_message_beta(pa))
     _assert_close(_without_message_beta(mu), _without_message_beta(oa[0].mu))
@@ -280,7 +282,7 @@ def test_two_blocks_equal_the_reference(mode):
               < 1e-4 * np.max(np.abs(tree['message']['gamma'])))
   else:
     _assert_close(state_a.params, pa)
-    _assert_close(state_a.opt_state, oa)
+    _assert_close(_one_adam(state_a.opt_state), oa)
 
 
 def test_m_targets_are_bs_gradients_wrt_each_message():
@@ -292,8 +294,8 @@ def test_m_targets_are_bs_gradients_wrt_each_message():
   with jax.enable_x64(True):
     state_a, state_b = _float64(_initial_states(config))
     block = _float64(_blocks(1))[0]
-    a = (state_a.params, state_a.opt_state, state_a.carry)
-    b = (state_b.params, state_b.opt_state, state_b.carry)
+    a = (state_a.params, _one_adam(state_a.opt_state), state_a.carry)
+    b = (state_b.params, _one_adam(state_b.opt_state), state_b.carry)
     _, (pb, _, _), (messages, targets, m_loss) = _reference_block(
         'dni', a, b, block)
     new_b, true_grad, metrics = net.b_step(_copy(state_b), messages,
