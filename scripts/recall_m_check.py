@@ -52,6 +52,7 @@ import fidelity_rnn as fr   # pylint: disable=g-import-not-at-top
 from dni_jax import cli   # pylint: disable=g-import-not-at-top
 from dni_jax import interface   # pylint: disable=g-import-not-at-top
 from dni_jax import recurrent   # pylint: disable=g-import-not-at-top
+from dni_jax import sources   # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_string('out', None, 'Write the results (JSON) here (required).')
 flags.DEFINE_integer('m_steps', 3000, 'Unrolls of M-only training.')
@@ -214,7 +215,8 @@ def run_seed(seed: int) -> dict:
   fresh_params = {**trained.params, 'sg': fresh_sg}
   fresh = trained._replace(
       params=fresh_params,
-      opt_state=recurrent.make_optimizer(config).init(fresh_params))
+      opt_state=sources.init_modules(recurrent.make_optimizer(config),
+                                     fresh_params))
   result['library_fresh'] = library(fresh, 2)
 
   # 3c. Oracle: M regressed on the true gradient at the in-episode boundary.
