@@ -186,15 +186,15 @@ def compiled_stats(jitted: Callable, *args) -> dict[str, float | None]:
       analysis = analysis[0] if analysis else None
     if analysis and 'flops' in analysis:
       flops = float(analysis['flops'])
-  except Exception:  # Some backends do not implement it.
-    pass
+  except Exception:  # Some backends do not implement it: reported as None.
+    flops = None
   try:
     m = compiled.memory_analysis()
     memory = getattr(m, 'peak_memory_in_bytes', None) or (
         m.argument_size_in_bytes + m.output_size_in_bytes
         + m.temp_size_in_bytes - m.alias_size_in_bytes)
-  except Exception:
-    pass
+  except Exception:  # No memory analysis on this backend: reported as None.
+    memory = None
   return {'hlo_flops': flops, 'compiled_memory_bytes': memory}
 
 
