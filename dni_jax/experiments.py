@@ -326,31 +326,26 @@ def _pipeline_step(exp: FeedForwardExperiment,
     pipe = device_pipeline.make_device_pipeline(
         config, exp.batch_size, mesh.devices.flat)
     step = pipe.tick
-    place = pipe.place
+  elif exp.pipeline == 'dni':
+    pipe = pipeline_lib.make_pipeline(config, mesh, exp.batch_size)
+    step = pipe.tick
   else:
-    if exp.pipeline == 'dni':
-      pipe = pipeline_lib.make_pipeline(config, mesh, exp.batch_size)
-      step = pipe.tick
-    else:
-      pipe = pipeline_lib.make_backprop_pipeline(
-          config, mesh, exp.batch_size, boundaries, exp.pipeline_microbatches)
-      step = pipe.train_step
-    stage_sharding = jax.sharding.NamedSharding(mesh, jax.P(
-        pipeline_lib.STAGE_AXIS))
-    place = lambda state: jax.device_put(state, stage_sharding)
-  # A state restored from a checkpoint comes back on one device: `place` puts
-  # it on the stages (a no-op for a state already there). The loop adds the
-  # losses to sums it keeps (and restores) on one device.
+    pipe = pipeline_lib.make_backprop_pipeline(
+        config, mesh, exp.batch_size, boundaries, exp.pipeline_microbatches)
+    step = pipe.train_step
+  # `training.fit` restores a checkpoint onto the devices of the initial
+  # state (the stages), so no step moves the state. The loop adds the losses
+  # to sums it keeps (and restores) on one device.
   first = mesh.devices.flat[0]
 
   def train_step(state, images, labels):
-    state, metrics = step(place(state), images, labels)
+    state, metrics = step(state, images, labels)
     return state, jax.device_put(metrics, first)
   logging.info('%s pipeline: %d stages ending after layers %s on %s',
                exp.pipeline, mesh.size, boundaries, mesh.devices.tolist())
   ff = feedforward.make_feedforward(config)
   return dict(
       init_state=pipe.init(jax.random.key(exp.seed)), train_step=train_step,
-      eval_batch=lambda state, x, y: pipe.eval_batch(place(state), x, y),
-      diagnostics=lambda state: ff.diagnostics(
-          pipe.to_feedforward(place(state)), *probe))
+      eval_batch=pipe.eval_batch,
+      diagnostics=lambda state: ff.diagnostics(pipe.to_feedforward(state),
+                                               *probe))

@@ -445,6 +445,28 @@ def test_checkpoint_of_an_older_payload_layout_still_restores(tmp_path):
   assert os.path.isdir(tmp_path / training_lib.UNREADABLE_DIR / '7')
 
 
+def test_a_failing_upgrade_is_raised_and_the_checkpoint_kept(tmp_path):
+  """A checkpoint that restores as an older layout but whose upgrade fails
+  is a bug in the upgrade: the error reaches the caller and the readable
+  checkpoint stays where it is (not moved aside as unreadable)."""
+  from dni_jax import training as training_lib
+  old = {'state': np.arange(3, dtype=np.float32)}
+  ckpt = training_lib.Checkpointer(str(tmp_path))
+  ckpt.save(5, old)
+  ckpt.close()
+  abstract = jax.eval_shape(lambda: {**old, 'train_time': np.float32(0)})
+
+  def broken_upgrade(payload):
+    raise KeyError('an upgrade bug')
+  ckpt = training_lib.Checkpointer(str(tmp_path))
+  with pytest.raises(KeyError, match='an upgrade bug'):
+    ckpt.restore_latest(abstract, older_layouts=(
+        (jax.eval_shape(lambda: old), broken_upgrade),))
+  ckpt.close()
+  assert not os.path.exists(tmp_path / training_lib.UNREADABLE_DIR)
+  assert os.path.isdir(tmp_path / 'checkpoints' / '5')
+
+
 def test_orbax_write_tasks_logged_by_asyncio_are_dropped(caplog):
   """A failed save may leave asyncio logging each failed orbax write task
   with its traceback: those records are dropped, others are kept."""

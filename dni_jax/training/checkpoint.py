@@ -127,14 +127,7 @@ class Checkpointer:
     layouts = ((abstract_payload, lambda p: p),) + tuple(older_layouts)
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        for k, (abstract, upgrade) in enumerate(layouts):
-          try:
-            payload = self.manager.restore(
-                step, args=ocp.args.StandardRestore(abstract))
-            return step, upgrade(payload)
-          except Exception:  # pylint: disable=broad-except
-            if k == len(layouts) - 1:
-              raise
+        upgrade, payload = self._restore_as_any(step, layouts)
       except Exception as e:  # pylint: disable=broad-except
         aside = os.path.join(os.path.dirname(self.directory),
                              UNREADABLE_DIR, str(step))
@@ -146,7 +139,24 @@ class Checkpointer:
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(os.path.join(self.directory, str(step)), aside)
         self.manager.reload()
+        continue
+      # Outside the check above: an upgrade that fails is a bug to report,
+      # not a reason to move a readable checkpoint aside.
+      return step, upgrade(payload)
     return 0, None
+
+  def _restore_as_any(self, step: int, layouts) -> tuple[Callable, Any]:
+    """(upgrade, payload) of the first layout checkpoint `step` restores
+    as; the last layout's error if none."""
+    restore = lambda abstract: self.manager.restore(
+        step, args=ocp.args.StandardRestore(abstract))
+    for abstract, upgrade in layouts[:-1]:
+      try:
+        return upgrade, restore(abstract)
+      except Exception:  # pylint: disable=broad-except
+        continue   # Try the next (older) layout.
+    abstract, upgrade = layouts[-1]
+    return upgrade, restore(abstract)
 
   def close(self) -> None:
     self.manager.wait_until_finished()

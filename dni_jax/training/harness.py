@@ -190,12 +190,12 @@ def fit(*, workdir: str, loop: LoopConfig, init_state: Any,
 
   init_payload = {'state': init_state, 'train_loss_sum': zero,
                   'train_loss_count': zero, 'train_time': zero}  # Seconds.
-  if mesh is None:
-    abstract = jax.eval_shape(lambda: init_payload)
-  else:  # Restore onto the mesh, each process its own shards.
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        init_payload)
+  # Restore onto the devices the initial state lives on (one device, the
+  # data-parallel mesh with each process its own shards, or a pipeline's
+  # stages), so the step never has to move a restored state.
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      init_payload)
   # Checkpoints written before `train_time` was kept restore without it.
   without_time = {k: v for k, v in abstract.items() if k != 'train_time'}
   add_time = lambda p: {**p, 'train_time': zero}
