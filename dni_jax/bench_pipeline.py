@@ -18,6 +18,7 @@ from dni_jax import feedforward
 from dni_jax import pipeline as pl
 from dni_jax.bench_timing import markdown_table
 from dni_jax.bench_timing import time_call
+from dni_jax.bench_timing import time_dispatch
 from dni_jax.bench_timing import time_steps
 
 # The pipeline suite.
@@ -156,8 +157,10 @@ def run_baseline(spec: dict) -> dict:
           state, (images, labels))
     step, args = _per_call(spec, ff.train_step,
                            jax.jit(scanned, donate_argnums=0), images, labels)
-    out[f'{name}_step_s'], _ = _time_per_step(
+    out[f'{name}_step_s'], state = _time_per_step(
         spec, step, ff.init(jax.random.key(0)), args)
+    dispatch, _ = time_dispatch(step, state, args, spec['steps'])
+    out[f'{name}_dispatch_s'] = dispatch / spec.get('steps_per_call', 1)
   out['stage_compute_s'] = stage_compute_times(
       dni, spec['batch_size'], spec['warmup'], spec['steps'])
   return out
@@ -176,8 +179,12 @@ def run_pipelines(spec: dict) -> dict:
 
   pipe = pl.make_pipeline(dni, mesh, spec['batch_size'], donate=True)
   step, args = _per_call(spec, pipe.tick, pipe.ticks, images_g, labels_g)
-  out['pipeline_tick_s'], _ = _time_per_step(
+  out['pipeline_tick_s'], state = _time_per_step(
       spec, step, pipe.init(jax.random.key(0)), args)
+  # Host time per call until it returns (per tick with K ticks per call):
+  # on a core shared with the computation it adds to the tick.
+  dispatch, _ = time_dispatch(step, state, args, spec['steps'])
+  out['pipeline_dispatch_s'] = dispatch / spec.get('steps_per_call', 1)
 
   # The communication of one tick on its own: the message up (activation,
   # labels, flag) and the gradient down, one collective each.
@@ -303,6 +310,17 @@ def summarize_pipeline(spec: dict, baseline: dict, workers: list[dict],
               workers, key=lambda w: w['stage'])] if all(
                   'stage' in w for w in workers) else None,
       'communication_s': max(w['communication_s'] for w in workers),
+      # Host time per step until the call returns (dispatch), the slowest
+      # worker's for the pipeline.
+      'single_device_dispatch_s': baseline['dni_dispatch_s'],
+      'pipeline_dispatch_s': max(w['pipeline_dispatch_s'] for w in workers),
+      # What no schedule of these stages can beat: the one-device step over
+      # the slowest stage's own work (timed with every core busy where
+      # measured, else alone), i.e. a tick with free communication.
+      'pipeline_speedup_bound': baseline['dni_step_s'] / max(
+          w['stage_compute_concurrent_s'] for w in workers) if all(
+              'stage_compute_concurrent_s' in w for w in workers) else
+          baseline['dni_step_s'] / max(baseline['stage_compute_s']),
       'message_bytes_up': workers[0]['message_bytes_up'],
       'message_bytes_down': workers[0]['message_bytes_down'],
       'balance': spec.get('balance', 'flops'),
@@ -351,6 +369,11 @@ def pipeline_markdown(result: dict) -> str:
             f'tick: {1e3 * result["communication_s"]:.2f} ms '
             f'({result["message_bytes_up"]} bytes up, '
             f'{result["message_bytes_down"]} bytes down per interface). '
+            f'Host dispatch per step: '
+            f'{1e3 * result["single_device_dispatch_s"]:.2f} ms (1), '
+            f'{1e3 * result["pipeline_dispatch_s"]:.2f} ms (2). Speed-up '
+            f'bound of (2) (one-device step / slowest stage): '
+            f'{result["pipeline_speedup_bound"]:.2f}. '
             f'Steps per call: {result["steps_per_call"]}; stage '
             f'boundaries after layers {result["network"]["stage_boundaries"]}'
             '.\n')

@@ -340,7 +340,10 @@ def _pipeline_step(exp: FeedForwardExperiment,
 
   def train_step(state, images, labels):
     state, metrics = step(state, images, labels)
-    return state, jax.device_put(metrics, first)
+    metrics = jax.device_put(metrics, first)
+    if exp.pipeline == 'dni':   # Per stage -> per interface, on one device.
+      metrics = pipeline_lib.interface_metrics(metrics)
+    return state, metrics
   logging.info('%s pipeline: %d stages ending after layers %s on %s',
                exp.pipeline, mesh.size, boundaries, mesh.devices.tolist())
   ff = feedforward.make_feedforward(config)

@@ -38,12 +38,16 @@ def test_pipeline_suite_over_devices_writes_json_and_table(tmp_path):
   for key in ('pipeline_speedup', 'backprop_pipeline_speedup',
               'pipeline_tick_s', 'backprop_pipeline_step_s',
               'single_device_step_s', 'communication_s',
+              'pipeline_dispatch_s', 'single_device_dispatch_s',
               'load_average_before', 'command'):
     assert key in result, key
   assert result['pipeline_speedup'] > 0
   assert result['examples_per_second']['dni_pipeline'] == pytest.approx(
       16 / result['pipeline_tick_s'])
   assert len(result['stage_compute_s']) == 2
+  assert 0 < result['pipeline_dispatch_s'] <= result['pipeline_tick_s'] * 2
+  assert result['pipeline_speedup_bound'] == pytest.approx(
+      result['single_device_step_s'] / max(result['stage_compute_s']))
   # Up: batch x (width + label + flag) float32; down: batch x width.
   assert result['message_bytes_up'] == 16 * 18 * 4
   assert result['message_bytes_down'] == 16 * 16 * 4

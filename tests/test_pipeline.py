@@ -108,7 +108,8 @@ def test_pipeline_fills_stage_by_stage_and_starts_from_ff_init():
   images, labels = batch(0)
   state, metrics = pipe.tick(state, images, labels)
   np.testing.assert_array_equal(metrics['block_updated'], [True, False, False])
-  np.testing.assert_array_equal(metrics['sg_updated'], [False, False])
+  # Per stage; the top stage has no interface.
+  np.testing.assert_array_equal(metrics['sg_updated'], [False, False, False])
   after = pipe.to_feedforward(state)
   # Only stage 0 (layer 1) ran (its synthetic gradient starts at zero, so
   # only its BatchNorm statistics move); the stages above had no input yet.
@@ -120,11 +121,35 @@ def test_pipeline_fills_stage_by_stage_and_starts_from_ff_init():
   assert float(metrics['loss']) == 0.0   # No batch has reached the top yet.
   state, metrics = pipe.tick(state, *batch(1))
   np.testing.assert_array_equal(metrics['block_updated'], [True, True, False])
-  np.testing.assert_array_equal(metrics['sg_updated'], [True, False])
+  np.testing.assert_array_equal(metrics['sg_updated'], [True, False, False])
+  np.testing.assert_array_equal(
+      pl.interface_metrics(metrics)['sg_updated'], [True, False])
   state, metrics = pipe.tick(state, *batch(2))
   np.testing.assert_array_equal(metrics['block_updated'], [True, True, True])
   assert float(metrics['loss']) > 0
 
+
+
+def _collectives(compiled_text: str) -> list[str]:
+  return re.findall(r'\b(all-reduce|all-gather|collective-permute|all-to-all|'
+                    r'reduce-scatter)(?:-start)?\(', compiled_text)
+
+
+def test_a_two_stage_tick_is_one_collective():
+  """With two stages a tick exchanges everything in one cyclic permute: no
+  collective for the metrics (each one costs a rendezvous of the stages,
+  milliseconds over gloo); with three, the messages up and down and one
+  all-reduce of the top stage's loss and accuracy."""
+  for stages, expected in ((2, ['collective-permute']),
+                           (3, ['all-reduce'] + ['collective-permute'] * 2)):
+    config = dni_config((1,) if stages == 2 else (1, 2))
+    pipe = make(config, stages)
+    state = pipe.init(jax.random.key(0))
+    text = pipe.tick.lower(state, *batch(0)).compile().as_text()
+    assert sorted(_collectives(text)) == expected, stages
+    # The metrics the fused step reports, per interface, where they are read.
+    _, metrics = pipe.tick(state, *batch(0))
+    assert pl.interface_metrics(metrics)['sg_loss'].shape == (stages - 1,)
 
 @pytest.mark.slow
 def test_pipeline_learns_and_evaluates_like_the_network():

@@ -30,6 +30,7 @@ from dni_jax.pipeline.per_stage import DevicePipelineState
 from dni_jax.pipeline.per_stage import make_device_pipeline
 from dni_jax.pipeline.per_stage import StageState
 from dni_jax.pipeline.staging import global_array
+from dni_jax.pipeline.staging import interface_metrics
 from dni_jax.pipeline.staging import merge_stages
 from dni_jax.pipeline.staging import pipeline_layout
 from dni_jax.pipeline.staging import PipelineLayout

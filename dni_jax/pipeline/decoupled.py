@@ -61,7 +61,10 @@ class Pipeline(NamedTuple):
     init(rng) -> PipelineState             (the same weights as ff.init(rng))
     from_feedforward(ff_state) -> PipelineState   (empty pipeline)
     to_feedforward(state) -> FeedForwardState
-    tick(state, images, labels) -> (state, metrics)  (a train_step)
+    tick(state, images, labels) -> (state, metrics)  (a train_step; loss and
+        accuracy of the top stage, the other metrics per stage [S], left
+        where each stage computed them: `staging.interface_metrics` gives
+        the fused step's per-interface view)
     ticks(state, images_KxB, labels_KxB) -> (state, metrics with a leading
         K axis): K ticks in one call, exactly K calls of `tick`
     eval_batch(state, images, labels) -> sums   (all layers connected)
@@ -298,7 +301,7 @@ def make_pipeline(config: feedforward.FeedForwardConfig,
         local_fn, mesh=mesh, in_specs=(stage_spec, jax.P(), jax.P()),
         out_specs=(stage_spec, jax.P(None, STAGE_AXIS), stage_spec))(
             state, images, labels)
-    return new_state, staging.fit_metrics(
+    return new_state, staging.tick_metrics(
         per_stage, staging.same_on_every_stage(mesh, top))
 
   def one_tick_local(state, images, labels):

@@ -138,11 +138,11 @@ def _synthetic_program(modules, layout: PipelineLayout, s: int,
 
 def _gather_metrics(per_stage: Sequence[dict[str, Array]]) -> dict[str, Array]:
   """Per-stage metric dicts (one device) -> the metrics of
-  `make_pipeline`'s tick (`staging.fit_metrics`)."""
+  `make_pipeline`'s tick (`staging.tick_metrics`)."""
   stacked = {name: jnp.stack([m[name] for m in per_stage])[None]
              for name in per_stage[0]}
   top = jnp.stack([per_stage[-1]['loss'], per_stage[-1]['accuracy']])[None]
-  return jax.tree.map(lambda m: m[0], staging.fit_metrics(stacked, top))
+  return jax.tree.map(lambda m: m[0], staging.tick_metrics(stacked, top))
 
 
 def make_device_pipeline(config: feedforward.FeedForwardConfig,

@@ -295,21 +295,37 @@ def select_stage(s: Array, per_stage: list):
   return jax.tree.map(lambda *xs: lax.select_n(s, *xs), *per_stage)
 
 
-def fit_metrics(per_stage: dict[str, Array], top: Array) -> dict[str, Array]:
+# The metrics that belong to an interface (the stage's output): the top
+# stage has none, its entries are 0 / False.
+INTERFACE_METRICS = ('sg_loss', 'sg_updated', 'synthetic_gradient_finite')
+
+
+def tick_metrics(per_stage: dict[str, Array], top: Array) -> dict[str, Array]:
   """Per-stage metrics [K, S] and the top stage's [loss, accuracy] [K, 2] ->
-  the `training.fit` contract of the fused step with a leading K axis (loss
-  and accuracy from the top stage; sg_loss per interface)."""
+  a tick's metrics with a leading K axis: loss and accuracy of the top stage,
+  the others per stage [K, S], still where each stage computed them (no
+  collective: slicing the top stage off inside the program would make XLA
+  gather them, one all-reduce per metric per tick). `interface_metrics`
+  gives the fused step's per-interface view."""
   return {
       'loss': top[:, 0],
       'accuracy': top[:, 1],
-      'sg_loss': per_stage['sg_loss'][:, :-1],
+      'sg_loss': per_stage['sg_loss'],
       'block_updated': per_stage['updated'],
-      'sg_updated': per_stage['sg_updated'][:, :-1],
+      'sg_updated': per_stage['sg_updated'],
       'activation_finite': per_stage['activation_finite'],
       'layer_finite': per_stage['layer_finite'],
-      'synthetic_gradient_finite': per_stage['synthetic_gradient_finite'][
-          :, :-1],
+      'synthetic_gradient_finite': per_stage['synthetic_gradient_finite'],
   }
+
+
+def interface_metrics(metrics: dict[str, Array]) -> dict[str, Array]:
+  """A pipeline tick's metrics (per stage, last axis S) -> the `training.fit`
+  contract of the fused step: sg_loss, sg_updated and
+  synthetic_gradient_finite per interface (S - 1, the top stage's entry
+  dropped). Apply it where the metrics are read (one device, or the host)."""
+  return {k: v[..., :-1] if k in INTERFACE_METRICS else v
+          for k, v in metrics.items()}
 
 
 def donation(donate: bool | None) -> dict:
