@@ -74,9 +74,10 @@ flags.DEFINE_integer('steps_per_call', 1,
                      'dispatched call, the same for all three ways (K > 1: '
                      'a lax.scan over K batches).')
 flags.DEFINE_enum('balance', 'measured', ['measured', 'flops'],
-                  'pipeline: place the stage boundaries to balance measured '
-                  'per-layer update times on this device, or multiply-add '
-                  'counts.')
+                  'pipeline: place the stage boundaries by measured times on '
+                  'this device (two stages: every split\'s stages timed, the '
+                  'one with the fastest slower stage kept; more: per-layer '
+                  'update times balanced), or by multiply-add counts.')
 flags.DEFINE_list('models', ['fcn', 'cnn', 'lstm'],
                   'models / data_parallel: fcn, cnn (MNIST sizes, A.1), lstm '
                   '(PTB sizes, A.3).')

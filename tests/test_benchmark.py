@@ -58,6 +58,15 @@ def test_pipeline_suite_over_devices_writes_json_and_table(tmp_path):
   assert table.startswith('| way |') and 'decoupled cDNI pipeline' in table
 
 
+
+def test_two_stage_balancing_times_every_split():
+  from dni_jax import bench_pipeline
+  spec = {'input_shape': [4, 4, 1], 'num_layers': 4, 'hidden_size': 8,
+          'batch_size': 8, 'num_stages': 2}
+  times = bench_pipeline.split_stage_times(spec)
+  assert sorted(times) == [1, 2]   # After layer 1 or 2 (3: the classifier).
+  assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+
 def settings(**kw):
   return benchmarking.RowSettings(**{'batch_size': 8, 'warmup': 1,
                                      'steps': 2, 'peak_flops': 1e9, **kw})
