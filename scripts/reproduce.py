@@ -117,10 +117,25 @@ FIDELITY = {
 }
 # pylint: enable=line-too-long
 EXPERIMENTS = GRIDS + tuple(FIDELITY)
-# The train_ff grids' own flags: a fidelity experiment runs its documented
-# flags only.
-GRID_FLAGS = ('num_steps', 'learning_rate', 'batch_size', 'num_layers',
-              'methods', 'eval_every', 'seed')
+# The train_ff grids' own flags, {name: (absl DEFINE, default, help)}: a
+# fidelity experiment runs its documented flags only.
+GRID_FLAGS = {
+    'num_steps': (flags.DEFINE_integer, 3000, 'Grids: steps per run.'),
+    'learning_rate': (flags.DEFINE_float, 3e-4,
+                      'Grids: initial Adam learning rate.'),
+    'batch_size': (flags.DEFINE_integer, 256,
+                   'Grids: batch size of every run.'),
+    'num_layers': (flags.DEFINE_list, [], 'Grids: only the runs of these '
+                   'depths (default: all of the grid).'),
+    'methods': (flags.DEFINE_list, [], 'Grids: only the runs of these '
+                'methods (default: all of the grid), e.g. to split a grid '
+                'over several processes.'),
+    'eval_every': (flags.DEFINE_integer, None, 'Grids: evaluate every N '
+                   'steps (and at the end); default num_steps / 10. Fewer '
+                   'evaluations save time where a test-set pass is slow '
+                   '(CNNs on a CPU).'),
+    'seed': (flags.DEFINE_integer, 0, 'Grids: seed of every run.'),
+}
 FLAGS = flags.FLAGS
 
 
@@ -141,22 +156,8 @@ def define_flags() -> None:
                             'Fidelity experiments: a flag added to the '
                             'driver\'s (e.g. --driver_flag=--seeds=0); the '
                             'outputs go to OUT/<experiment>+<hash>/.')
-  # The train_ff grids only.
-  flags.DEFINE_integer('num_steps', 3000, 'Grids: steps per run.')
-  flags.DEFINE_float('learning_rate', 3e-4, 'Grids: initial Adam learning '
-                     'rate.')
-  flags.DEFINE_integer('batch_size', 256, 'Grids: batch size of every run.')
-  flags.DEFINE_list('num_layers', [],
-                    'Grids: only the runs of these depths (default: all of '
-                    'the grid).')
-  flags.DEFINE_list('methods', [],
-                    'Grids: only the runs of these methods (default: all of '
-                    'the grid), e.g. to split a grid over several processes.')
-  flags.DEFINE_integer('eval_every', None,
-                       'Grids: evaluate every N steps (and at the end); '
-                       'default num_steps / 10. Fewer evaluations save time '
-                       'where a test-set pass is slow (CNNs on a CPU).')
-  flags.DEFINE_integer('seed', 0, 'Grids: seed of every run.')
+  for name, (define, default, help_text) in GRID_FLAGS.items():
+    define(name, default, help_text)
 
 
 def grid(name: str) -> list[dict]:

@@ -16,9 +16,7 @@ given both ways is refused.
 
 import os
 
-from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
@@ -45,20 +43,18 @@ with cli.flag_errors(_PROG, 'config'):
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  cli.no_positional_arguments(argv)
-  with cli.one_line_errors(_PROG):
-    exp = cli.experiment_from_flags(ff_experiment.FeedForwardExperiment,
-                                    config_flag='config')
-    if exp.pipeline:
-      # Only the CPU backend reads this: one fake CPU device per stage.
-      jax.config.update('jax_num_cpu_devices',
-                        len(exp.pipeline_boundaries) + 1)
-    result = experiments.train_feedforward(exp)
-  logging.info('result: %s', result)
-  print(f'test_error {result["test_error"]:.2f}%  best {result["best_test_error"]:.2f}%  '
-        f'({FLAGS.workdir}/result.json)')
+def train(exp: ff_experiment.FeedForwardExperiment) -> dict:
+  if exp.pipeline:
+    # Only the CPU backend reads this: one fake CPU device per stage.
+    jax.config.update('jax_num_cpu_devices', len(exp.pipeline_boundaries) + 1)
+  return experiments.train_feedforward(exp)
+
+
+def summary(exp: ff_experiment.FeedForwardExperiment, result: dict) -> str:
+  return (f'test_error {result["test_error"]:.2f}%  best '
+          f'{result["best_test_error"]:.2f}%  ({exp.workdir}/result.json)')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.flags_parser(_PROG, 'config'))
+  cli.run_training_script(_PROG, ff_experiment.FeedForwardExperiment, train,
+                          summary, config_flag='config')

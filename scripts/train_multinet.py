@@ -14,9 +14,7 @@ B); the older names backprop and decoupled are accepted. A step is one time
 step of A (one digit per stream).
 """
 
-from absl import app
 from absl import flags
-from absl import logging
 
 from dni_jax import cli
 from dni_jax import multinet_experiments
@@ -28,18 +26,17 @@ settings.define_flags(multinet_experiments.MultinetExperiment)
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  cli.no_positional_arguments(argv)
-  with cli.one_line_errors('train_multinet.py'):
-    exp = cli.experiment_from_flags(multinet_experiments.MultinetExperiment)
-    result = multinet_experiments.train_multinet(exp)
-  logging.info('result: %s', result)
-  print(f'A test error {result["a_test_error"]:.2f}% (best '
-        f'{result["best_a_test_error"]:.2f}%)  B test error '
-        f'{result["b_test_error"]:.2f}% (best {result["best_b_test_error"]:.2f}'
-        f'%)  updates A {result["a_updates"]} B {result["b_updates"]}  '
-        f'({FLAGS.workdir}/result.json)')
+def summary(exp: multinet_experiments.MultinetExperiment,
+            result: dict) -> str:
+  return (f'A test error {result["a_test_error"]:.2f}% (best '
+          f'{result["best_a_test_error"]:.2f}%)  B test error '
+          f'{result["b_test_error"]:.2f}% (best '
+          f'{result["best_b_test_error"]:.2f}%)  updates A '
+          f'{result["a_updates"]} B {result["b_updates"]}  '
+          f'({exp.workdir}/result.json)')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.flags_parser('train_multinet.py'))
+  cli.run_training_script(
+      'train_multinet.py', multinet_experiments.MultinetExperiment,
+      multinet_experiments.train_multinet, summary)

@@ -11,9 +11,7 @@ Copy task with the curriculum (A.3):
       --workdir=/tmp/copy_aux3
 """
 
-from absl import app
 from absl import flags
-from absl import logging
 
 from dni_jax import cli
 from dni_jax import rnn_experiments
@@ -25,19 +23,14 @@ settings.define_flags(rnn_experiments.RecurrentExperiment)
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  cli.no_positional_arguments(argv)
-  with cli.one_line_errors('train_rnn.py'):
-    exp = cli.experiment_from_flags(rnn_experiments.RecurrentExperiment)
-    result = rnn_experiments.train_recurrent(exp)
-  logging.info('result: %s', result)
-  if FLAGS.task == 'ptb':
-    print(f'best valid BPC {result["best_valid_bpc"]:.4f}  test BPC '
-          f'{result["test_bpc"]:.4f}  ({FLAGS.workdir}/result.json)')
-  else:
-    print(f'max T_task solved {result["max_task_length"]} after '
-          f'{result["samples_seen"]} samples  ({FLAGS.workdir}/result.json)')
+def summary(exp: rnn_experiments.RecurrentExperiment, result: dict) -> str:
+  if exp.task == 'ptb':
+    return (f'best valid BPC {result["best_valid_bpc"]:.4f}  test BPC '
+            f'{result["test_bpc"]:.4f}  ({exp.workdir}/result.json)')
+  return (f'max T_task solved {result["max_task_length"]} after '
+          f'{result["samples_seen"]} samples  ({exp.workdir}/result.json)')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.flags_parser('train_rnn.py'))
+  cli.run_training_script('train_rnn.py', rnn_experiments.RecurrentExperiment,
+                          rnn_experiments.train_recurrent, summary)
