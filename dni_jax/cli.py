@@ -14,7 +14,6 @@ import re
 import sys
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -148,18 +147,19 @@ def experiment_from_flags(experiment: type,
                                         config_flag, **fixed)
 
 
-def run_training_script(prog: str, experiment: type,
-                        train: Callable[[Any], dict],
-                        summary: Callable[[Any, dict], str],
-                        config_flag: str | None = None) -> None:
-  """What every training script does: the experiment from its flags
+def training_main(prog: str, experiment: type,
+                  train: Callable[[Any], dict],
+                  summary: Callable[[Any, dict], str],
+                  config_flag: str | None = None) -> Callable[[list[str]], None]:
+  """The absl main of every training script: the experiment from its flags
   (`experiment_from_flags`), `train(exp)` -> result.json's dict, and the
-  one-line `summary(exp, result)` on stdout; bad input in one line."""
-  def main(argv):
+  one-line `summary(exp, result)` on stdout; bad input in one line. Run it
+  with `app.run(main, flags_parser=flags_parser(prog, config_flag))`."""
+  def main(argv: list[str]) -> None:
     no_positional_arguments(argv)
     with one_line_errors(prog):
       exp = experiment_from_flags(experiment, config_flag=config_flag)
       result = train(exp)
     logging.info('result: %s', result)
     print(summary(exp, result))
-  app.run(main, flags_parser=flags_parser(prog, config_flag))
+  return main

@@ -12,6 +12,9 @@ from absl import flags
 from ml_collections import config_dict
 
 _SAME = object()   # flag_default: the field's default.
+# The flags `define_flags` defines belong to its caller (the script): --help
+# lists them there.
+flags.disclaim_key_flags()
 
 
 def setting(default: Any, help_text: str, *,

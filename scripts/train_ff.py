@@ -16,6 +16,7 @@ given both ways is refused.
 
 import os
 
+from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
@@ -55,6 +56,9 @@ def summary(exp: ff_experiment.FeedForwardExperiment, result: dict) -> str:
           f'{result["best_test_error"]:.2f}%  ({exp.workdir}/result.json)')
 
 
+main = cli.training_main(_PROG, ff_experiment.FeedForwardExperiment, train,
+                         summary, config_flag='config')
+
+
 if __name__ == '__main__':
-  cli.run_training_script(_PROG, ff_experiment.FeedForwardExperiment, train,
-                          summary, config_flag='config')
+  app.run(main, flags_parser=cli.flags_parser(_PROG, 'config'))

@@ -14,6 +14,7 @@ B); the older names backprop and decoupled are accepted. A step is one time
 step of A (one digit per stream).
 """
 
+from absl import app
 from absl import flags
 
 from dni_jax import cli
@@ -36,7 +37,10 @@ def summary(exp: multinet_experiments.MultinetExperiment,
           f'({exp.workdir}/result.json)')
 
 
+main = cli.training_main(
+    'train_multinet.py', multinet_experiments.MultinetExperiment,
+    multinet_experiments.train_multinet, summary)
+
+
 if __name__ == '__main__':
-  cli.run_training_script(
-      'train_multinet.py', multinet_experiments.MultinetExperiment,
-      multinet_experiments.train_multinet, summary)
+  app.run(main, flags_parser=cli.flags_parser('train_multinet.py'))

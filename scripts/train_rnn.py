@@ -11,6 +11,7 @@ Copy task with the curriculum (A.3):
       --workdir=/tmp/copy_aux3
 """
 
+from absl import app
 from absl import flags
 
 from dni_jax import cli
@@ -31,6 +32,9 @@ def summary(exp: rnn_experiments.RecurrentExperiment, result: dict) -> str:
           f'{result["samples_seen"]} samples  ({exp.workdir}/result.json)')
 
 
+main = cli.training_main('train_rnn.py', rnn_experiments.RecurrentExperiment,
+                         rnn_experiments.train_recurrent, summary)
+
+
 if __name__ == '__main__':
-  cli.run_training_script('train_rnn.py', rnn_experiments.RecurrentExperiment,
-                          rnn_experiments.train_recurrent, summary)
+  app.run(main, flags_parser=cli.flags_parser('train_rnn.py'))
