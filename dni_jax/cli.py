@@ -88,7 +88,8 @@ def flag_errors(prog: str, config_flag: str | None = None) -> Iterator[None]:
 def _one_line(message: str) -> str:
   """`message` on one line; of a traceback in it (config_flags quotes the
   config file's), only the exception."""
-  head, traceback, rest = message.partition('Traceback (most recent call last):')
+  head, traceback, rest = message.partition(
+      'Traceback (most recent call last):')
   if traceback:
     message = head + rest.strip().splitlines()[-1]
   return ' '.join(message.split())
@@ -150,7 +151,8 @@ def experiment_from_flags(experiment: type,
 def training_main(prog: str, experiment: type,
                   train: Callable[[Any], dict],
                   summary: Callable[[Any, dict], str],
-                  config_flag: str | None = None) -> Callable[[list[str]], None]:
+                  config_flag: str | None = None
+                  ) -> Callable[[list[str]], None]:
   """The absl main of every training script: the experiment from its flags
   (`experiment_from_flags`), `train(exp)` -> result.json's dict, and the
   one-line `summary(exp, result)` on stdout; bad input in one line. Run it
