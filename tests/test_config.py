@@ -210,3 +210,18 @@ def test_a_bad_config_or_override_is_one_error_line(tmp_path, args, needle):
   test_script_errors.assert_one_line_error(proc, needle)
   assert proc.stderr.splitlines()[-1].startswith('train_ff.py: error: ')
   assert not workdir.exists()
+
+
+def test_a_config_that_is_not_the_settings_is_refused():
+  """A hand-written experiment file may misspell or drop a setting: the
+  config must hold exactly the settings, each in its section."""
+  config = ff_experiment.base_config()
+  with config.unlocked():
+    config.model.depth = 3
+  with pytest.raises(ValueError, match=r'^no such setting: model\.depth$'):
+    settings.flatten(config, Exp)
+  config = ff_experiment.base_config()
+  with config.unlocked():
+    del config.loop['seed']
+  with pytest.raises(ValueError, match=r'^missing: loop\.seed$'):
+    settings.flatten(config, Exp)
