@@ -22,11 +22,13 @@ import numpy as np
 
 from dni_jax import methods
 from dni_jax import multinet
+from dni_jax import settings
 from dni_jax import sources
 from dni_jax import training
 from dni_jax.data import datasets
 
 _TRAIN, _TEST = 0, 1   # Stream ids in the sampler's seed sequence.
+_S = settings.setting
 # Training metrics that must stay finite (checked at every log point).
 FINITE = ('a_loss', 'b_loss', 'sg_loss')
 
@@ -47,20 +49,32 @@ LIMITS = {
 class MultinetExperiment:
   """Everything `scripts/train_multinet.py` sets; validated on construction."""
   workdir: str
-  data_dir: str | None = None
-  mode: str = 'dni'
-  tick: int = 4
-  sg_scale: float | None = None      # None: 10 (A.4); dni only.
-  learning_rate: float = 1e-5        # A.4.
-  batch_size: int = 64
-  hidden_size: int = 256             # A.4: FCN, LSTMs, message, M's hidden.
-  num_steps: int = 200_000
-  eval_every: int | None = None      # None: 125 T^2 (2000 at T = 4).
-  log_every: int | None = None       # None: 25 T^2.
-  checkpoint_every: int | None = None  # None: 625 T^2.
-  eval_streams: int = 256
-  eval_blocks: int = 16
-  seed: int = 0
+  data_dir: str | None = _S(None, 'Folder with the MNIST IDX files '
+                            '(train-images-idx3-ubyte[.gz], ...); required.')
+  mode: str = _S('dni', 'bprop | dni | no_bprop (also spelt backprop, '
+                 'decoupled).', choices=methods.flag_values(multinet.MODES))
+  tick: int = _S(4, 'T: B ticks once every T steps of A.')
+  sg_scale: float | None = _S(None, 'Factor on the synthetic gradient '
+                              'backpropagated into A (default 10, A.4); '
+                              '--mode=dni only.')
+  learning_rate: float = _S(1e-5, 'Adam learning rate of both networks and '
+                            'M (paper: 1e-5).')
+  batch_size: int = _S(64, 'Digit streams per batch.')
+  hidden_size: int = _S(256, 'Width of the FCN layers, both LSTMs, the '
+                        "message and M's hidden layer (A.4: 256).")
+  num_steps: int = _S(200_000, 'Time steps of A to train for (a multiple of '
+                      'tick^2).')
+  eval_every: int | None = _S(None, 'Evaluate every N steps (and at the '
+                              'end); a multiple of tick^2, default 125 '
+                              'tick^2.')
+  log_every: int | None = _S(None, 'Log progress every N steps; default 25 '
+                             'tick^2.')
+  checkpoint_every: int | None = _S(None, 'Checkpoint every N steps (and at '
+                                    'the end); default 625 tick^2.')
+  eval_streams: int = _S(256, 'Test streams evaluated in parallel.')
+  eval_blocks: int = _S(16, 'Blocks of tick^2 test steps scored per stream '
+                        'per evaluation (after one unscored burn-in block).')
+  seed: int = _S(0, 'Seed for initialisation and streams.')
   overwrite: bool = False
 
   def __post_init__(self):

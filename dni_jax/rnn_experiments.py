@@ -8,8 +8,6 @@ RNN state, the position in the data stream and the curriculum level live in
 the checkpoint.
 """
 
-import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -18,121 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dni_jax import methods
 from dni_jax import parallel
 from dni_jax import recurrent
 from dni_jax import rnn_tasks
 from dni_jax import sources
 from dni_jax import training
 from dni_jax.data import ptb
+# The settings, declared and validated once (re-exported here).
+from dni_jax.rnn_experiment import RecurrentExperiment
 
-TASKS = ('copy', 'repeat_copy', 'ptb')
 LN2 = math.log(2.0)
 # Training metrics that must stay finite (checked at every log point).
 FINITE = ('loss', 'sg_loss', 'aux_loss', 'grad_norm')
-
-
-@dataclasses.dataclass(frozen=True)
-class RecurrentExperiment:
-  """Everything `scripts/train_rnn.py` sets; validated on construction."""
-  workdir: str
-  task: str = 'ptb'
-  data_dir: str | None = None          # PTB only: ptb.char.*.txt.
-  core: str = 'lstm'
-  hidden_size: int | None = None       # None: A.3, 256 (copy tasks), 1024 (PTB).
-  unroll: int = 5
-  method: str = 'dni'
-  sg_scale: float | None = None        # None: 0.1 (A.3); DNI only.
-  sg_into_core: bool = False
-  learning_rate: float = 7e-5          # A.3.
-  batch_size: int = 256                # A.3.
-  num_steps: int = 500_000
-  eval_every: int | None = None        # None: 5000 (PTB, A.3), 200 (copy tasks).
-  log_every: int = 100
-  checkpoint_every: int = 5000
-  patience: int | None = None          # PTB: evaluations without improvement.
-  eval_rows: int | None = None         # PTB: streams the eval text is cut
-                                       # into (None: 64, whatever the
-                                       # training batch_size).
-  seed: int = 0
-  overwrite: bool = False
-  # Execution, not part of the run's configuration (results agree within
-  # float tolerance): streams split over this many local devices (None: all
-  # of them, train_rnn.py's default).
-  num_devices: int | None = 1
-
-  def __post_init__(self):
-    bad = functools.partial(training.refuse, self)
-    if not self.workdir:
-      raise ValueError('--workdir is required')
-    if self.task not in TASKS:
-      bad('task', f'must be one of {", ".join(TASKS)}')
-    if self.core not in recurrent.CORES:
-      bad('core', f'must be one of {", ".join(recurrent.CORES)}')
-    # Stored in recurrent's spelling (config.json as before): bprop -> bptt.
-    object.__setattr__(self, 'method', methods.to_module(
-        self.method, recurrent.METHODS, 'method'))
-    training.check_positive_flags(self, (
-        'hidden_size', 'unroll', 'batch_size', 'num_steps', 'eval_every',
-        'log_every', 'checkpoint_every', 'patience', 'eval_rows'))
-    training.check_at_most(self, {
-        'unroll': (1000, 'the paper uses T up to 40'),
-        'hidden_size': (16384, 'the paper uses up to 1024 units'),
-        'batch_size': (65536, 'the paper uses 256 streams'),
-        'eval_rows': (65536, 'evaluation streams'),
-    })
-    training.check_positive_finite(self, ('learning_rate', 'sg_scale'))
-    if self.method == 'bptt' and (self.sg_scale is not None
-                                  or self.sg_into_core):
-      raise ValueError('--sg_scale/--sg_into_core need synthetic gradients; '
-                       'use --method=dni or dni_aux (got --method=bprop)')
-    if self.task != 'ptb':
-      if self.data_dir is not None:
-        raise ValueError(f'--data_dir is for --task=ptb (got --task={self.task})')
-      if self.patience is not None:
-        raise ValueError(f'--patience is for --task=ptb (early stopping on '
-                         f'validation); got --task={self.task}')
-      if self.eval_rows is not None:
-        raise ValueError(f'--eval_rows is for --task=ptb; got '
-                         f'--task={self.task}')
-    training.check_non_negative(self, ('seed',))
-    if self.num_devices is not None:
-      if self.num_devices < 1:
-        bad('num_devices', 'must be a positive integer')
-      if self.batch_size % self.num_devices:
-        raise ValueError(f'--batch_size={self.batch_size}: must be divisible '
-                         f'by --num_devices={self.num_devices}')
-      rows = self.resolved['eval_rows']
-      if rows is not None and rows % self.num_devices:
-        raise ValueError(f'--eval_rows={rows}: must be divisible by '
-                         f'--num_devices={self.num_devices}')
-
-  @property
-  def resolved(self) -> dict[str, Any]:
-    return {
-        'hidden_size': self.hidden_size or (1024 if self.task == 'ptb' else 256),
-        'sg_scale': (None if self.method == 'bptt'
-                     else (0.1 if self.sg_scale is None else self.sg_scale)),
-        'eval_every': self.eval_every or (5000 if self.task == 'ptb' else 200),
-        'patience': (self.patience or 3) if self.task == 'ptb' else None,
-        'eval_rows': (self.eval_rows or 64) if self.task == 'ptb' else None,
-    }
-
-  def config_record(self) -> dict[str, Any]:
-    record = dataclasses.asdict(self)
-    record.update(self.resolved)
-    del record['overwrite']
-    del record['num_devices']   # Where it runs; result.json records it.
-    return record
-
-  def model_config(self, input_size: int, output_size: int, loss: str
-                   ) -> recurrent.RecurrentConfig:
-    r = self.resolved
-    return recurrent.RecurrentConfig(
-        core=self.core, input_size=input_size, output_size=output_size,
-        hidden_size=r['hidden_size'], unroll=self.unroll, method=self.method,
-        loss=loss, sg_scale=r['sg_scale'] or 0.1,
-        sg_into_core=self.sg_into_core, learning_rate=self.learning_rate)
 
 
 # ---------------------------------------------------------------------------

@@ -5,8 +5,9 @@ r"""Runs one of the paper's experiments: a train_ff grid or a fidelity experimen
   python scripts/reproduce.py --experiment=fid_dni_1k --data_dir=PATH/mnist \
       --out=runs/fidelity
 
-The train_ff grids (GRIDS: Table 1, the stale baseline, Figs. 5 and 9a) give
-every run the same reduced schedule: NUM_STEPS steps, the learning rate
+The train_ff grids (GRIDS: Table 1, the stale baseline, Figs. 5 and 9a) take
+their runs from the experiment files (dni_jax/configs/) and give every run
+the same reduced schedule: NUM_STEPS steps, the learning rate
 multiplied by 0.1 at 60% and 80% of them (the shape of the paper's 500k-step
 schedule, x0.1 at 300k and 400k). Writes OUT/<run>/, OUT/report.md and PNG
 plots.
@@ -46,14 +47,14 @@ from absl import flags
 from absl import logging
 
 from dni_jax import cli
+from dni_jax import configs
 from dni_jax import data
 from dni_jax import experiments
+from dni_jax import ff_experiment
 from dni_jax import reporting
 
-GRIDS = ('table1_mnist_fcn', 'table1_mnist_cnn', 'table1_cifar10_fcn',
-         'table1_cifar10_cnn', 'stale_baseline', 'fig9a_single_dni',
-         'fig5_sparse', 'fig5_unlock')
-TABLE1_METHODS = ('no_bprop', 'bprop', 'dni', 'cdni')
+# The train_ff grids: their runs come from the experiment files.
+GRIDS = tuple(configs.grids())
 
 
 class Driver(NamedTuple):
@@ -116,10 +117,25 @@ FIDELITY = {
 }
 # pylint: enable=line-too-long
 EXPERIMENTS = GRIDS + tuple(FIDELITY)
-# The train_ff grids' own flags: a fidelity experiment runs its documented
-# flags only.
-GRID_FLAGS = ('num_steps', 'learning_rate', 'batch_size', 'num_layers',
-              'methods', 'eval_every', 'seed')
+# The train_ff grids' own flags, {name: (absl DEFINE, default, help)}: a
+# fidelity experiment runs its documented flags only.
+GRID_FLAGS = {
+    'num_steps': (flags.DEFINE_integer, 3000, 'Grids: steps per run.'),
+    'learning_rate': (flags.DEFINE_float, 3e-4,
+                      'Grids: initial Adam learning rate.'),
+    'batch_size': (flags.DEFINE_integer, 256,
+                   'Grids: batch size of every run.'),
+    'num_layers': (flags.DEFINE_list, [], 'Grids: only the runs of these '
+                   'depths (default: all of the grid).'),
+    'methods': (flags.DEFINE_list, [], 'Grids: only the runs of these '
+                'methods (default: all of the grid), e.g. to split a grid '
+                'over several processes.'),
+    'eval_every': (flags.DEFINE_integer, None, 'Grids: evaluate every N '
+                   'steps (and at the end); default num_steps / 10. Fewer '
+                   'evaluations save time where a test-set pass is slow '
+                   '(CNNs on a CPU).'),
+    'seed': (flags.DEFINE_integer, 0, 'Grids: seed of every run.'),
+}
 FLAGS = flags.FLAGS
 
 
@@ -140,60 +156,15 @@ def define_flags() -> None:
                             'Fidelity experiments: a flag added to the '
                             'driver\'s (e.g. --driver_flag=--seeds=0); the '
                             'outputs go to OUT/<experiment>+<hash>/.')
-  # The train_ff grids only.
-  flags.DEFINE_integer('num_steps', 3000, 'Grids: steps per run.')
-  flags.DEFINE_float('learning_rate', 3e-4, 'Grids: initial Adam learning '
-                     'rate.')
-  flags.DEFINE_integer('batch_size', 256, 'Grids: batch size of every run.')
-  flags.DEFINE_list('num_layers', [],
-                    'Grids: only the runs of these depths (default: all of '
-                    'the grid).')
-  flags.DEFINE_list('methods', [],
-                    'Grids: only the runs of these methods (default: all of '
-                    'the grid), e.g. to split a grid over several processes.')
-  flags.DEFINE_integer('eval_every', None,
-                       'Grids: evaluate every N steps (and at the end); '
-                       'default num_steps / 10. Fewer evaluations save time '
-                       'where a test-set pass is slow (CNNs on a CPU).')
-  flags.DEFINE_integer('seed', 0, 'Grids: seed of every run.')
+  for name, (define, default, help_text) in GRID_FLAGS.items():
+    define(name, default, help_text)
 
 
 def grid(name: str) -> list[dict]:
-  """(workdir name, settings) of every run of an experiment."""
-  if name == 'table1_mnist_fcn':   # Table 1, MNIST FCN rows.
-    return [dict(name=f'fcn{n}_{m}', num_layers=n, method=m)
-            for n in (3, 4, 5, 6) for m in TABLE1_METHODS]
-  if name == 'table1_mnist_cnn':   # Table 1, MNIST CNN rows (64 filters).
-    return [dict(name=f'cnn{n}_{m}', model='cnn', num_layers=n, method=m)
-            for n in (3, 4) for m in TABLE1_METHODS]
-  if name == 'table1_cifar10_fcn':   # Table 1, CIFAR-10 FCN rows (A.1 sizes).
-    return [dict(name=f'fcn{n}_{m}', dataset='cifar10', num_layers=n,
-                 method=m, hidden_size=1000,
-                 **({'sg_hidden_layers': 1, 'sg_hidden_size': 4000}
-                    if m in ('dni', 'cdni') else {}))
-            for n in (3, 4, 5, 6) for m in TABLE1_METHODS]
-  if name == 'table1_cifar10_cnn':   # Table 1, CIFAR-10 CNN rows (128 filters).
-    return [dict(name=f'cnn{n}_{m}', dataset='cifar10', model='cnn',
-                 num_layers=n, method=m, hidden_size=128)
-            for n in (3, 4) for m in TABLE1_METHODS]
-  if name == 'stale_baseline':   # Sec. 3.1: historical gradients.
-    return [dict(name=f'fcn{n}_stale_decay{d:g}', num_layers=n,
-                 method='stale', stale_decay=d)
-            for n in (3, 4, 5, 6) for d in (0.0, 0.9, 0.99, 0.999)]
-  if name == 'fig5_sparse':   # Fig. 5 left: 4-layer FCN, sparse updates.
-    return [dict(name=f'fcn4_{m}_p{p}', num_layers=4, method=m, p_update=p)
-            for m in ('dni', 'cdni') for p in (1.0, 0.5, 0.2)]
-  if name == 'fig5_unlock':   # Fig. 5 right: complete unlock, 4-layer FCN.
-    return [dict(name=f'fcn4_{m}_unlock_p{p}', num_layers=4, method=m,
-                 synthetic_inputs=True, p_update=p)
-            for m, p in (('dni', 1.0), ('cdni', 1.0), ('cdni', 0.5))]
-  # Fig. 9a: a 6-layer FCN with a single DNI (or a single cut with no
-  # gradient) after layer k; Bprop for reference.
-  runs = [dict(name='fcn6_bprop', num_layers=6, method='bprop')]
-  for method in ('dni', 'no_bprop'):
-    runs += [dict(name=f'fcn6_{method}_at{k}', num_layers=6, method=method,
-                  dni_layers=(k,)) for k in range(1, 6)]
-  return runs
+  """The runs of a grid: {name: its workdir name, every setting of the run}
+  from its experiment file (dni_jax/configs/)."""
+  return [dict(name=workdir, **ff_experiment.run_settings(config))
+          for workdir, config in configs.grids()[name].items()]
 
 
 def select(experiment: str, num_layers: list[str],
@@ -246,14 +217,14 @@ def run_grid() -> list[str]:
     workdir = os.path.join(FLAGS.out, run.pop('name'))
     workdirs.append(workdir)
     logging.info('=== %s', workdir)
-    run.setdefault('dataset', 'mnist')
-    experiments.train_feedforward(experiments.FeedForwardExperiment(
+    run.update(
         workdir=workdir, data_dir=FLAGS.data_dir,
         batch_size=FLAGS.batch_size,
         learning_rate=FLAGS.learning_rate,
         lr_boundaries=(steps * 6 // 10, steps * 8 // 10),
         num_steps=steps, eval_every=eval_every, log_every=steps // 10,
-        checkpoint_every=steps, seed=FLAGS.seed, **run))
+        checkpoint_every=steps, seed=FLAGS.seed)
+    experiments.train_feedforward(experiments.FeedForwardExperiment(**run))
   return workdirs
 
 

@@ -16,62 +16,31 @@ step of A (one digit per stream).
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from dni_jax import cli
-from dni_jax import methods
-from dni_jax import multinet
 from dni_jax import multinet_experiments
+from dni_jax import settings
 
-_D = multinet_experiments.MultinetExperiment
 cli.define_workdir_flags()
-flags.DEFINE_string('data_dir', None,
-                    'Folder with the MNIST IDX files (train-images-idx3-ubyte'
-                    '[.gz], ...); required.')
-flags.DEFINE_enum('mode', _D.mode, methods.flag_values(multinet.MODES),
-                  'bprop | dni | no_bprop (also spelt backprop, decoupled).')
-flags.DEFINE_integer('tick', _D.tick, 'T: B ticks once every T steps of A.')
-flags.DEFINE_float('sg_scale', None,
-                   'Factor on the synthetic gradient backpropagated into A '
-                   '(default 10, A.4); --mode=dni only.')
-flags.DEFINE_float('learning_rate', _D.learning_rate,
-                   'Adam learning rate of both networks and M (paper: 1e-5).')
-flags.DEFINE_integer('batch_size', _D.batch_size, 'Digit streams per batch.')
-flags.DEFINE_integer('hidden_size', _D.hidden_size,
-                     'Width of the FCN layers, both LSTMs, the message and '
-                     "M's hidden layer (A.4: 256).")
-flags.DEFINE_integer('num_steps', _D.num_steps,
-                     'Time steps of A to train for (a multiple of tick^2).')
-flags.DEFINE_integer('eval_every', None,
-                     'Evaluate every N steps (and at the end); a multiple of '
-                     'tick^2, default 125 tick^2.')
-flags.DEFINE_integer('log_every', None,
-                     'Log progress every N steps; default 25 tick^2.')
-flags.DEFINE_integer('checkpoint_every', None,
-                     'Checkpoint every N steps (and at the end); default 625 '
-                     'tick^2.')
-flags.DEFINE_integer('eval_streams', _D.eval_streams,
-                     'Test streams evaluated in parallel.')
-flags.DEFINE_integer('eval_blocks', _D.eval_blocks,
-                     'Blocks of tick^2 test steps scored per stream per '
-                     'evaluation (after one unscored burn-in block).')
-flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and streams.')
+# One flag per setting, declared (default, help) in MultinetExperiment.
+settings.define_flags(multinet_experiments.MultinetExperiment)
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  cli.no_positional_arguments(argv)
-  with cli.one_line_errors('train_multinet.py'):
-    exp = cli.experiment_from_flags(
-        multinet_experiments.MultinetExperiment, FLAGS)
-    result = multinet_experiments.train_multinet(exp)
-  logging.info('result: %s', result)
-  print(f'A test error {result["a_test_error"]:.2f}% (best '
-        f'{result["best_a_test_error"]:.2f}%)  B test error '
-        f'{result["b_test_error"]:.2f}% (best {result["best_b_test_error"]:.2f}'
-        f'%)  updates A {result["a_updates"]} B {result["b_updates"]}  '
-        f'({FLAGS.workdir}/result.json)')
+def summary(exp: multinet_experiments.MultinetExperiment,
+            result: dict) -> str:
+  return (f'A test error {result["a_test_error"]:.2f}% (best '
+          f'{result["best_a_test_error"]:.2f}%)  B test error '
+          f'{result["b_test_error"]:.2f}% (best '
+          f'{result["best_b_test_error"]:.2f}%)  updates A '
+          f'{result["a_updates"]} B {result["b_updates"]}  '
+          f'({exp.workdir}/result.json)')
+
+
+main = cli.training_main(
+    'train_multinet.py', multinet_experiments.MultinetExperiment,
+    multinet_experiments.train_multinet, summary)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('train_multinet.py'))

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+from absl import logging
 import chex
 import jax
 import jax.numpy as jnp
@@ -367,7 +368,7 @@ def _script_main(*args):
   module = _script_module()
   module.FLAGS.unparse_flags()
   module.FLAGS(['train_multinet.py', *args])
-  module.logging.set_verbosity(module.logging.INFO)   # As app.run would.
+  logging.set_verbosity(logging.INFO)   # As app.run would.
   module.main(['train_multinet.py'])
 
 
@@ -378,7 +379,7 @@ def test_script_runs_and_reports_bad_flags(tmp_path, capsys, caplog):
   data_dir = conftest.write_mnist_like(str(tmp_path / 'mnist'), 64, 32)
   flags = [f'--{k}={v}' for k, v in _TINY.items()]
   workdir = str(tmp_path / 'dni')
-  absl_logger = _script_module().logging.get_absl_logger()
+  absl_logger = logging.get_absl_logger()
   absl_logger.addHandler(caplog.handler)
   try:
     _script_main('--mode=dni', f'--data_dir={data_dir}',

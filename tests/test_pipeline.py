@@ -339,6 +339,15 @@ def test_train_ff_pipeline_learns_and_resumes_bit_identically(tmp_path,
      '--pipeline_programs=per_stage needs --pipeline=dni'),
     (dict(method='cdni', pipeline='dni', pipeline_programs='mpmd'),
      '--pipeline_programs=mpmd: must be one or per_stage'),
+    # The pipeline's own check (pipeline.check_dni_config), under the flag.
+    (dict(method='bprop', pipeline='dni', pipeline_stages=2),
+     '--pipeline=dni: the decoupled pipeline needs method dni or cdni, not '
+     'bprop'),
+    (dict(method='cdni', pipeline='dni', p_update=0.5),
+     '--pipeline=dni: the decoupled pipeline does not implement '
+     'synthetic_inputs or p_update < 1'),
+    (dict(method='cdni', pipeline='dni', dni_layers=()),
+     '--pipeline=dni: the decoupled pipeline needs at least one interface'),
 ])
 def test_bad_pipeline_settings_are_refused_naming_the_flag(kwargs, needle):
   with pytest.raises(ValueError, match=re.escape(needle)):

@@ -491,7 +491,7 @@ def test_scripts_build_the_experiment_from_flags_of_the_same_names(
     try:
       exp = module.cli.experiment_from_flags(
           experiment, module.FLAGS,
-          convert=getattr(module, 'CONVERT', None))
+          config_flag='config' if script == 'train_ff.py' else None)
     finally:
       module.FLAGS.unparse_flags()
   assert exp == experiment(workdir='w', **same_as)

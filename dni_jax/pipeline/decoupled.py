@@ -84,6 +84,8 @@ class Pipeline(NamedTuple):
 
 
 def check_dni_config(config: feedforward.FeedForwardConfig):
+  """Refuses a config the decoupled pipeline does not run (train_ff.py
+  checks its flags with it too)."""
   if config.method not in feedforward.DECOUPLED_METHODS:
     raise ValueError(f'the decoupled pipeline needs method dni or cdni, not '
                      f'{config.method}')
