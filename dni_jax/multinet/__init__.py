@@ -56,4 +56,5 @@ from dni_jax.multinet.updates import joint_loss
 from dni_jax.multinet.updates import joint_step
 from dni_jax.multinet.updates import make_multinet
 from dni_jax.multinet.updates import Multinet
+from dni_jax.multinet.updates import sg_regression
 from dni_jax.multinet.updates import train_block

@@ -131,6 +131,24 @@ def b_gradients(config: MultinetConfig, state: NetState, messages_BxKxM: Array,
   return grads, grad_messages, loss, wrong, carry, moments
 
 
+def sg_regression(sg_params: Params, inputs: Array, true_grad: Array
+                  ) -> tuple[Array, Params, Array]:
+  """M's L2 regression (weight 1, averaged over the K messages) of
+  M(inputs [B, K, D]) onto `true_grad` [B, K, M]: (loss, its gradient w.r.t.
+  `sg_params`, and Fig. 10's diagnostic, the cosine of M's prediction with
+  the true gradient, before any update)."""
+  def m_loss(params):
+    prediction = sg_model_apply(params, inputs)
+    return jnp.mean(jax.vmap(interface.synthetic_gradient_loss, in_axes=1)(
+        prediction, true_grad)), prediction
+  (loss, prediction), grads = jax.value_and_grad(m_loss, has_aux=True)(
+      sg_params)
+  cosine = interface.gradient_diagnostics(
+      prediction.reshape(-1, prediction.shape[-1]),
+      true_grad.reshape(-1, true_grad.shape[-1]))['cosine']
+  return loss, grads, cosine
+
+
 def b_step(config: MultinetConfig, state: NetState, messages_BxKxM: Array,
            targets_BxK: Array) -> tuple[NetState, Array, dict[str, Array]]:
   """B's update over its K ticks (BPTT within them). In `dni` it also trains
@@ -142,16 +160,8 @@ def b_step(config: MultinetConfig, state: NetState, messages_BxKxM: Array,
   grads = dict(grads)
   sg_loss = sg_cosine = jnp.zeros((), jnp.float32)
   if config.mode == 'dni':
-    def m_loss(sg_params):
-      prediction = sg_model_apply(sg_params, messages_BxKxM)
-      return jnp.mean(jax.vmap(interface.synthetic_gradient_loss, in_axes=1)(
-          prediction, true_grad)), prediction
-    (sg_loss, prediction), grads['sg'] = jax.value_and_grad(
-        m_loss, has_aux=True)(state.params['sg'])
-    # Fig. 10's diagnostic: how well M(m) points along the true gradient.
-    sg_cosine = interface.gradient_diagnostics(
-        prediction.reshape(-1, prediction.shape[-1]),
-        true_grad.reshape(-1, true_grad.shape[-1]))['cosine']
+    sg_loss, grads['sg'], sg_cosine = sg_regression(
+        state.params['sg'], messages_BxKxM, true_grad)
   new_state = _apply(config, state, grads, moments, carry)
   metrics = {'loss': loss, 'wrong': wrong, 'sg_loss': sg_loss,
              'sg_cosine': sg_cosine}
