@@ -135,3 +135,13 @@ def tiny_ff_experiment(workdir, data_dir, **kw):
               num_steps=10, eval_every=5, log_every=5, checkpoint_every=5)
   args.update(kw)
   return experiments.FeedForwardExperiment(**args)
+
+
+def treebank_sentences(seed: int, num: int) -> str:
+  """`num` made-up Penn Treebank lines (its spacing: ' w1 w2 ... \\n') of 2 to
+  6 words from a 10-word vocabulary with N and <unk>."""
+  rng = np.random.default_rng(seed)
+  vocab = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'dog', 'ate', 'N', '<unk>']
+  return ''.join(
+      ' ' + ' '.join(rng.choice(vocab, size=rng.integers(2, 7))) + ' \n'
+      for _ in range(num))

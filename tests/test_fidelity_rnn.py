@@ -158,11 +158,13 @@ def test_true_boundary_gradient_is_full_bptt(core):
       np.testing.assert_allclose(g, batch * w, rtol=1e-5, atol=1e-7)
 
 
-def test_parameter_gradient_cosine_against_split_parameters():
-  """cos_param_grad_sg_true: the core-parameter gradient through the unroll
-  before the boundary, from M(y_b) and from the true future loss. Reference:
-  the core's parameters duplicated, one copy used in the first unroll only;
-  d/d(copy) of the episode loss (true) and of <M(y_b), s_b>/B (synthetic)."""
+def _split_reference():
+  """A DNI recall LSTM whose M emits a non-zero gradient, on 3 episodes of two
+  unrolls of 2, and the reference core-parameter gradients through the first
+  unroll: the core's parameters duplicated, one copy (first) used in the
+  first unroll only; d/d(first) of <M(y_b), s_b>/B (synthetic) and of the
+  episode loss (true, full BPTT). Returns (config, params, episodes,
+  synthetic, true)."""
   unroll, bits, delay, batch = 2, 2, 3, 3
   config = _config('dni', unroll=unroll, bits=bits)
   params = recurrent.init_params(config, jax.random.key(5))
@@ -181,6 +183,16 @@ def test_parameter_gradient_cosine_against_split_parameters():
   m = jax.lax.stop_gradient(recurrent.mlp_apply(params['sg'], y_b))
   synthetic = jax.grad(lambda f: jnp.sum(
       recurrent.flatten_state(run(f, core)[1]) * m) / batch)(core)
+  return config, params, eps, synthetic, true
+
+
+def test_parameter_gradient_cosine_against_split_parameters():
+  """cos_param_grad_sg_true: the core-parameter gradient through the unroll
+  before the boundary, from M(y_b) and from the true future loss. Reference:
+  the core's parameters duplicated, one copy used in the first unroll only;
+  d/d(copy) of the episode loss (true) and of <M(y_b), s_b>/B (synthetic)."""
+  config, params, eps, synthetic, true = _split_reference()
+  bits = config.output_size
   flat = lambda tree: np.concatenate(
       [np.ravel(v) for v in jax.tree.leaves(tree)])
   a, b = flat(synthetic), flat(true)
@@ -571,24 +583,7 @@ def test_m_check_param_grads_against_split_parameters():
   M(y_b) and the true future gradient induce. Reference: the core's
   parameters duplicated, one copy used in the first unroll only; d/d(copy)
   of <M(y_b), s_b>/B and of the episode loss (full BPTT)."""
-  unroll, bits, delay, batch = 2, 2, 3, 3
-  config = _config('dni', unroll=unroll, bits=bits)
-  params = recurrent.init_params(config, jax.random.key(5))
-  params['sg']['w2'] = jax.random.normal(jax.random.key(6),
-                                         params['sg']['w2'].shape)
-  eps = recurrent.Chunk(*map(jnp.asarray, _episodes(batch, delay, bits,
-                                                    seed=7)))
-
-  def run(first, rest):
-    state = (jnp.zeros((batch, 5)), jnp.zeros((batch, 5)))
-    return _split_core_loss(params, eps, state, delay, unroll, first, rest)
-
-  core = params['core']
-  _, _, y_b = run(core, core)
-  m = jax.lax.stop_gradient(recurrent.mlp_apply(params['sg'], y_b))
-  want_sg = jax.grad(lambda f: jnp.sum(
-      recurrent.flatten_state(run(f, core)[1]) * m) / batch)(core)
-  want_true = jax.grad(lambda f: run(f, core)[0])(core)
+  config, params, eps, want_sg, want_true = _split_reference()
   got_sg, got_true = m_check.param_grads(config, params, eps)
   flat = lambda tree: np.concatenate(
       [np.ravel(v) for v in jax.tree.leaves(tree)])

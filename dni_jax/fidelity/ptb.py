@@ -42,7 +42,7 @@ from dni_jax import bench_metrics
 from dni_jax import recurrent
 from dni_jax.data import ptb
 from dni_jax.fidelity import recall
-from dni_jax.fidelity.stats import tree_cosine
+from dni_jax.fidelity.stats import pooled_cosine
 
 METHODS = ('bptt', 'dni', 'dni_aux', 'bptt_long')
 SEGMENT = 500   # Evaluation characters per jitted call (as rnn_experiments).
@@ -105,9 +105,9 @@ def boundary_arrays(config: recurrent.RecurrentConfig, params,
     against, m_pred, target = recall.sg_against_true(
         config, params, state, y_b, next_chunk, g_true)
     g_param = core_grad(recurrent.flatten_state(g_true))
-    against['cos_param_grad_sg_true'] = tree_cosine(core_grad(m_pred),
-                                                    g_param)
-    against['cos_param_grad_target_true'] = tree_cosine(
+    against['cos_param_grad_sg_true'] = pooled_cosine(core_grad(m_pred),
+                                                      g_param)
+    against['cos_param_grad_target_true'] = pooled_cosine(
         core_grad(target), g_param)
     against['param_grad_norm_true_over_task'] = tree_norm(g_param) / task
     row.update({k + name: v for k, v in against.items()})

@@ -26,7 +26,7 @@ import optax
 
 from dni_jax import recurrent
 from dni_jax.fidelity.stats import cosines
-from dni_jax.fidelity.stats import tree_cosine
+from dni_jax.fidelity.stats import pooled_cosine
 
 
 def check_recall(unroll: int, delay: int, bits: int) -> None:
@@ -184,9 +184,9 @@ def recall_diagnostic_arrays(config: recurrent.RecurrentConfig, params,
       # trains.
       flag = lambda g: core_grad(g)['w_x'][config.input_size - 2]
       per_boundary.append({
-          'cos_param_grad_sg_true': tree_cosine(core_grad(m_pred),
-                                                core_grad(g_true)),
-          'cos_flag_grad_sg_true': tree_cosine(flag(m_pred), flag(g_true)),
+          'cos_param_grad_sg_true': pooled_cosine(core_grad(m_pred),
+                                                  core_grad(g_true)),
+          'cos_flag_grad_sg_true': pooled_cosine(flag(m_pred), flag(g_true)),
           **against})
     state_prev = state
     state, y_c, _ = recurrent.unroll(config, params['core'], state,
@@ -283,7 +283,7 @@ def run_recall(settings, method: str, seed: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-Shared with recall_m_check.py: flag checks (one-line ValueErrors), output.
+# Shared with recall_m_check.py: flag checks (one-line ValueErrors), output.
 # ---------------------------------------------------------------------------
 
 def check_positive(settings, names: tuple[str, ...]) -> None:

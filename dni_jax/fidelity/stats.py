@@ -34,12 +34,6 @@ def cosines(predicted: jax.Array, true: jax.Array) -> dict[str, jax.Array]:
   return {'batch': flat, 'per_example': jnp.mean(per_example_cosine(p, t))}
 
 
-def tree_cosine(a: Any, b: Any) -> jax.Array:
-  """Cosine of two pytrees of the same structure, flattened."""
-  flat = lambda t: jnp.concatenate([v.ravel() for v in jax.tree.leaves(t)])
-  return cosines(flat(a)[None], flat(b)[None])['batch']
-
-
 def mean_spread(values: list[float]) -> dict[str, float]:
   """Mean, min, max and std of scalars (one per seed), and their number."""
   a = np.asarray(values, np.float64)
