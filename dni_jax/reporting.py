@@ -175,7 +175,7 @@ def sparse_table(runs: list[Run]) -> str:
 
 def plot_diagnostics(runs: list[Run], path: str) -> None:
   """Fig. 10: synthetic-gradient L2 error, cosine and sign error vs step."""
-  plt = _pyplot()
+  plt = pyplot()
   keys = ('sg_l2_error', 'sg_cosine', 'sg_sign_error')
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.2), squeeze=False)
   for ax, key in zip(axes[0], keys):
@@ -196,7 +196,9 @@ def plot_diagnostics(runs: list[Run], path: str) -> None:
   plt.close(fig)
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (files, no display); matplotlib is
+  imported only when a plot is made."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -206,7 +208,7 @@ def _pyplot():
 def plot_learning_curves(runs: list[Run], path: str,
                          key: str = 'test_error') -> None:
   """One panel per depth, one test-error curve per run; saved as PNG."""
-  plt = _pyplot()
+  plt = pyplot()
   depths = sorted({r.config['num_layers'] for r in runs})
   fig, axes = plt.subplots(1, len(depths), figsize=(4 * len(depths), 3.2),
                            squeeze=False, sharey=True)

@@ -9,6 +9,13 @@ import jax
 import jax.numpy as jnp
 
 
+def _bn_relu(x: jax.Array, train: bool, axis_name: str | None) -> jax.Array:
+  """BatchNorm (batch statistics in training, over `axis_name` when mapped)
+  -> ReLU, as a submodule of the module whose compact call runs it."""
+  x = nn.BatchNorm(use_running_average=not train, axis_name=axis_name)(x)
+  return nn.relu(x)
+
+
 class SyntheticGradientMLP(nn.Module):
   """M(h, c): `hidden_layers` x (linear -> BatchNorm -> ReLU), then a linear layer.
 
@@ -30,9 +37,7 @@ class SyntheticGradientMLP(nn.Module):
       x = jnp.concatenate([x, context_BxC.astype(x.dtype)], axis=-1)
     for _ in range(self.hidden_layers):
       x = nn.Dense(self.hidden_size, use_bias=False)(x)  # BN has the offset.
-      x = nn.BatchNorm(use_running_average=not train,
-                       axis_name=self.axis_name)(x)
-      x = nn.relu(x)
+      x = _bn_relu(x, train, self.axis_name)
     out = nn.Dense(self.out_features, kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.zeros)(x)
     return out.reshape(h_BxD.shape)
@@ -62,9 +67,7 @@ class SyntheticGradientCNN(nn.Module):
       x = jnp.concatenate([x, masks], axis=-1)
     for _ in range(self.hidden_layers):
       x = nn.Conv(self.features, (5, 5), padding='SAME', use_bias=False)(x)
-      x = nn.BatchNorm(use_running_average=not train,
-                       axis_name=self.axis_name)(x)
-      x = nn.relu(x)
+      x = _bn_relu(x, train, self.axis_name)
     return nn.Conv(self.out_features, (5, 5), padding='SAME',
                    kernel_init=nn.initializers.zeros,
                    bias_init=nn.initializers.zeros)(x)
@@ -81,7 +84,5 @@ class SyntheticInputMLP(nn.Module):
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     x = images.reshape(images.shape[0], -1)
     x = nn.Dense(self.hidden_size, use_bias=False)(x)
-    x = nn.BatchNorm(use_running_average=not train,
-                       axis_name=self.axis_name)(x)
-    x = nn.relu(x)
+    x = _bn_relu(x, train, self.axis_name)
     return nn.Dense(self.out_features)(x)

@@ -16,6 +16,8 @@ import sys
 from absl import app
 from absl import flags
 
+from dni_jax import reporting
+
 flags.DEFINE_string('plot', None, 'Write the curves to this PNG.')
 flags.DEFINE_float('a_threshold', 20.0,
                    "Network A's test error (%) for steps-to-threshold.")
@@ -89,9 +91,7 @@ def table(runs, a_threshold, b_threshold):
 
 
 def plot(runs, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = reporting.pyplot()
   fig, axes = plt.subplots(2, 1, figsize=(6.5, 7), sharex=True)
   for c, _, rows in runs:
     colour, label, style = _label(c)

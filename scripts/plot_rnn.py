@@ -17,6 +17,8 @@ import sys
 from absl import app
 from absl import flags
 
+from dni_jax import reporting
+
 flags.DEFINE_string('plot', None, 'Write the curves to this PNG.')
 FLAGS = flags.FLAGS
 
@@ -74,9 +76,7 @@ def _table(runs):
 
 
 def _plot(runs, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = reporting.pyplot()
   task = runs[0][0]['task']
   fig, ax = plt.subplots(figsize=(7, 4.5))
   unrolls = sorted({c['unroll'] for c, _, _ in runs})

@@ -2,9 +2,12 @@
 
 import contextlib
 import gzip
+import importlib.util
 import os
 import struct
 
+from absl import flags
+from absl import logging as absl_logging
 import jax
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ import pytest
 # Fail loudly on silent broadcasting; several fake CPU devices for sharding tests.
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 jax.config.update('jax_num_cpu_devices', 4)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_idx(path: str, array: np.ndarray, gz: bool = True) -> None:
@@ -75,7 +80,6 @@ def absl_state_restored():
   """Scripts loaded in-process register their absl flags and parse them,
   which also sets absl's log level: undo both on exit, so another test module
   can load a script defining the same flags and capture INFO logs."""
-  from absl import flags, logging as absl_logging  # pylint: disable=g-import-not-at-top
   names = set(flags.FLAGS)
   level = absl_logging.get_absl_logger().level
   try:
@@ -96,3 +100,48 @@ def one_adam_state(per_module):
   return (adam._replace(mu={n: s[0].mu for n, s in per_module.items()},
                         nu={n: s[0].nu for n, s in per_module.items()}),
           rest)
+
+
+def load_script(name: str):
+  """scripts/<name>.py loaded as the module `<name>_script` (its module-level
+  absl flags are defined: load it once, inside `absl_state_restored`)."""
+  spec = importlib.util.spec_from_file_location(
+      f'{name}_script', os.path.join(REPO, 'scripts', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run_main(module, *args: str, info_logs: bool = False) -> None:
+  """A loaded script's absl `main` in this process, its flags parsed from
+  `args` (what `app.run` does, without exiting); `info_logs`: absl logs at
+  INFO, as under app.run (set after the flags, which reset it)."""
+  prog = os.path.basename(module.__file__)
+  module.FLAGS.unparse_flags()
+  module.FLAGS([prog, *args])
+  if info_logs:
+    absl_logging.set_verbosity(absl_logging.INFO)
+  module.main([prog])
+
+
+def tiny_ff_experiment(workdir, data_dir, **kw):
+  """A feed-forward experiment small enough for a test: a 3-layer cDNI FCN
+  of 16 units on the MNIST-format files in `data_dir`, 10 steps; `kw`
+  overrides any setting."""
+  from dni_jax import experiments  # pylint: disable=g-import-not-at-top
+  args = dict(workdir=str(workdir), dataset='mnist', data_dir=data_dir,
+              num_layers=3, hidden_size=16, method='cdni', sg_hidden_size=16,
+              learning_rate=3e-3, lr_boundaries=(), batch_size=32,
+              num_steps=10, eval_every=5, log_every=5, checkpoint_every=5)
+  args.update(kw)
+  return experiments.FeedForwardExperiment(**args)
+
+
+def treebank_sentences(seed: int, num: int) -> str:
+  """`num` made-up Penn Treebank lines (its spacing: ' w1 w2 ... \\n') of 2 to
+  6 words from a 10-word vocabulary with N and <unk>."""
+  rng = np.random.default_rng(seed)
+  vocab = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'dog', 'ate', 'N', '<unk>']
+  return ''.join(
+      ' ' + ' '.join(rng.choice(vocab, size=rng.integers(2, 7))) + ' \n'
+      for _ in range(num))

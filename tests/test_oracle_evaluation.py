@@ -32,6 +32,7 @@ from dni_jax import training
 from dni_jax.data import ptb
 
 from conftest import make_separable_digits
+from conftest import treebank_sentences
 from conftest import write_idx
 
 BN_EPSILON = 1e-5   # Flax's BatchNorm default.
@@ -230,19 +231,11 @@ def test_evaluate_adds_every_batch_of_the_set_once(tmp_path):
 # Recurrent: character-level PTB through rnn_experiments.train_recurrent.
 # ---------------------------------------------------------------------------
 
-def _sentences(seed, num):
-  rng = np.random.default_rng(seed)
-  vocab = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'dog', 'ate', 'N', '<unk>']
-  return ''.join(
-      ' ' + ' '.join(rng.choice(vocab, size=rng.integers(2, 7))) + ' \n'
-      for _ in range(num))
-
-
 def write_ptb(directory):
   """Three different texts (other sentences, other lengths)."""
   os.makedirs(directory, exist_ok=True)
   for split, num, seed in zip(ptb.SPLITS, (200, 60, 90), range(3)):
-    symbols = ptb.words_to_symbols(_sentences(seed, num))
+    symbols = ptb.words_to_symbols(treebank_sentences(seed, num))
     with open(os.path.join(directory, f'ptb.char.{split}.txt'), 'w') as f:
       f.write(ptb.symbols_to_char_file(symbols))
   return str(directory)

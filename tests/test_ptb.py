@@ -13,6 +13,7 @@ import types
 import numpy as np
 import pytest
 
+import conftest
 from dni_jax import rnn_experiments
 from dni_jax import training
 from dni_jax.data import DataError
@@ -22,18 +23,10 @@ WORDS = ' the cat sat on a mat \n a dog ate N <unk> \n\n the end \n'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _sentences(seed, num):
-  rng = np.random.default_rng(seed)
-  vocab = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'dog', 'ate', 'N', '<unk>']
-  return ''.join(
-      ' ' + ' '.join(rng.choice(vocab, size=rng.integers(2, 7))) + ' \n'
-      for _ in range(num))
-
-
 def _write_char_files(directory, num=(300, 40, 40)):
   os.makedirs(directory, exist_ok=True)
   for split, n, seed in zip(ptb.SPLITS, num, range(3)):
-    symbols = ptb.words_to_symbols(_sentences(seed, n))
+    symbols = ptb.words_to_symbols(conftest.treebank_sentences(seed, n))
     with open(os.path.join(directory, f'ptb.char.{split}.txt'), 'w') as f:
       f.write(ptb.symbols_to_char_file(symbols))
   return str(directory)
@@ -54,7 +47,8 @@ def test_character_mapping_hand_checked_and_round_trips():
 
 def test_files_and_treebank_package_give_the_same_streams(tmp_path,
                                                            monkeypatch):
-  texts = {split: _sentences(seed, 20) for seed, split in enumerate(ptb.SPLITS)}
+  texts = {split: conftest.treebank_sentences(seed, 20)
+           for seed, split in enumerate(ptb.SPLITS)}
   directory = tmp_path / 'ptb'
   directory.mkdir()
   for split, text in texts.items():

@@ -4,7 +4,6 @@ end, resumes and plots; bad input is one line and writes nothing."""
 
 import collections
 import functools
-import importlib.util
 import json
 import os
 import re
@@ -26,10 +25,7 @@ OUTPUT_FLAGS = ('workdir', 'data_dir', 'summary_json', 'plot', 'out')
 @functools.lru_cache(maxsize=None)
 def _module():
   """reproduce.py imported (its flags are defined only when it runs)."""
-  spec = importlib.util.spec_from_file_location('reproduce_script', SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return conftest.load_script('reproduce')
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -44,9 +40,7 @@ def _main(*args):
   module = _module()
   if 'driver_flag' not in module.FLAGS:
     module.define_flags()
-  module.FLAGS.unparse_flags()
-  module.FLAGS(['reproduce.py', *args])
-  module.main(['reproduce.py'])
+  conftest.run_main(module, *args)
 
 
 def _documented_commands() -> list[tuple[list[str], list[str]]]:

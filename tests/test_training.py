@@ -1,5 +1,6 @@
 """The workdir contract, resume, guards and the train_ff.py script."""
 
+import functools
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 import dni_jax
 from dni_jax import experiments
 from dni_jax import training
@@ -18,13 +20,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_FF = os.path.join(REPO, 'scripts', 'train_ff.py')
 
 
-def tiny_experiment(workdir, data_dir, **kw):
-  args = dict(workdir=str(workdir), dataset='mnist', data_dir=data_dir,
-              num_layers=3, hidden_size=32, method='cdni', sg_hidden_size=32,
-              learning_rate=3e-3, lr_boundaries=(), batch_size=32,
-              num_steps=20, eval_every=5, log_every=5, checkpoint_every=5)
-  args.update(kw)
-  return experiments.FeedForwardExperiment(**args)
+# Twice the width and length of the workdir tests' experiment.
+tiny_experiment = functools.partial(conftest.tiny_ff_experiment, hidden_size=32,
+                                    sg_hidden_size=32, num_steps=20)
 
 
 def read_lines(path):
@@ -474,8 +472,6 @@ def test_old_method_names_are_aliases_recorded_as_before():
 ])
 def test_scripts_build_the_experiment_from_flags_of_the_same_names(
     script, args, same_as):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import conftest  # pylint: disable=g-import-not-at-top
   from dni_jax import multinet_experiments  # pylint: disable=g-import-not-at-top
   from dni_jax import rnn_experiments  # pylint: disable=g-import-not-at-top
   experiment = {'train_ff.py': experiments.FeedForwardExperiment,
@@ -483,10 +479,7 @@ def test_scripts_build_the_experiment_from_flags_of_the_same_names(
                 'train_multinet.py': multinet_experiments.MultinetExperiment
                 }[script]
   with conftest.absl_state_restored():
-    spec = importlib.util.spec_from_file_location(
-        f'{script[:-3]}_flags_test', os.path.join(REPO, 'scripts', script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = conftest.load_script(script[:-3])
     module.FLAGS([script, '--workdir=w', *args])
     try:
       exp = module.cli.experiment_from_flags(
@@ -503,7 +496,6 @@ def test_recurrent_and_multinet_runs_stop_on_a_non_finite_metric(
   """The harness's health check guards every script's run: a NaN metric at
   one step stops it there, and nothing after the last good checkpoint is
   saved."""
-  import conftest  # pylint: disable=g-import-not-at-top
   from dni_jax import multinet  # pylint: disable=g-import-not-at-top
   from dni_jax import multinet_experiments  # pylint: disable=g-import-not-at-top
   from dni_jax import recurrent  # pylint: disable=g-import-not-at-top

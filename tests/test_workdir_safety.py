@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+import conftest
 from dni_jax import cli
 from dni_jax import experiments
 from dni_jax import multinet_experiments
@@ -26,13 +27,7 @@ from dni_jax.data import tfds_source
 THESIS = 'my thesis, not backed up'
 
 
-def tiny(workdir, data_dir, **kw):
-  args = dict(workdir=str(workdir), dataset='mnist', data_dir=data_dir,
-              num_layers=3, hidden_size=16, method='cdni', sg_hidden_size=16,
-              learning_rate=3e-3, lr_boundaries=(), batch_size=32,
-              num_steps=10, eval_every=5, log_every=5, checkpoint_every=5)
-  args.update(kw)
-  return experiments.FeedForwardExperiment(**args)
+tiny = conftest.tiny_ff_experiment
 
 
 def plant_foreign(folder):

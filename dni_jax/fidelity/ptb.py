@@ -1,5 +1,5 @@
-r"""`fidelity_rnn.py --experiment=ptb`: character-level Penn Treebank (Sec. 3.2,
-Table 2 / Fig. 7 right) with ground-truth diagnostics (issue 18).
+"""`fidelity_rnn.py --experiment=ptb`: character-level Penn Treebank (Sec. 3.2,
+Table 2 / Fig. 7 right) with ground-truth diagnostics.
 
 Methods: `bptt`, `dni`, `dni_aux` at `--unroll` (T), and `bptt_long`,
 truncated BPTT at `--long_unroll` (the paper's reference: DNI+Aux at T = 5
@@ -13,7 +13,7 @@ Every evaluation, at the parameters of that moment:
       synthetic gradient M(y_b) and its bootstrapped target against the true
       per-example gradient B * dL/ds_b of the loss of the next K = --horizon
       training characters (full BPTT through them) and of the next T only
-      (`fidelity_rnn.sg_against_true`, shared with the recall experiment);
+      (`recall.sg_against_true`, shared with the recall experiment);
       the cosine of the core-parameter gradients they induce through the
       previous unroll, and the size of those induced by the consumed
       sg_scale * M(y_b) and by the true gradient against the unroll's own
@@ -24,6 +24,9 @@ Every evaluation, at the parameters of that moment:
       (e.g. 64 and 1): the state is carried through each stream from a zero
       start, so a unit that integrates with stream length shows up as a
       cut-dependence. At the end, the test BPC at the same cuts.
+
+`settings` below is fidelity_rnn.py's flag values (absl's FLAGS, or any
+object with attributes of the same names).
 """
 
 import functools
@@ -35,27 +38,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import fidelity_rnn as fr
 from dni_jax import bench_metrics
 from dni_jax import recurrent
 from dni_jax.data import ptb
+from dni_jax.fidelity import recall
+from dni_jax.fidelity.stats import pooled_cosine
 
 METHODS = ('bptt', 'dni', 'dni_aux', 'bptt_long')
 SEGMENT = 500   # Evaluation characters per jitted call (as rnn_experiments).
 
 
-def check_flags(flags) -> None:
+def check_flags(settings) -> None:
   """One-line errors for the PTB flags (before anything is written)."""
-  if flags.unroll < 1 or flags.long_unroll < 1:
-    raise ValueError(f'--unroll={flags.unroll}, --long_unroll='
-                     f'{flags.long_unroll}: must be positive')
-  if flags.horizon < flags.unroll or flags.horizon % flags.unroll:
-    raise ValueError(f'--horizon={flags.horizon}: must be a positive multiple '
-                     f'of --unroll={flags.unroll}')
+  if settings.unroll < 1 or settings.long_unroll < 1:
+    raise ValueError(f'--unroll={settings.unroll}, --long_unroll='
+                     f'{settings.long_unroll}: must be positive')
+  if settings.horizon < settings.unroll or settings.horizon % settings.unroll:
+    raise ValueError(f'--horizon={settings.horizon}: must be a positive '
+                     f'multiple of --unroll={settings.unroll}')
   try:
-    rows = [int(r) for r in flags.eval_rows]
+    rows = [int(r) for r in settings.eval_rows]
   except ValueError:
-    raise ValueError(f'--eval_rows={",".join(flags.eval_rows)}: must be '
+    raise ValueError(f'--eval_rows={",".join(settings.eval_rows)}: must be '
                      'integers') from None
   if not rows or min(rows) < 1:
     raise ValueError('--eval_rows: need at least one count, all >= 1')
@@ -92,18 +96,18 @@ def boundary_arrays(config: recurrent.RecurrentConfig, params,
   next_chunk = recurrent.Chunk(*(a[:, :t] for a in future))
   # Every core emits y = h (the first state tensor) at the boundary.
   y_b = state[0]
-  core_grad = fr.induced_core_grad(config, params, state_prev, chunk_prev)
+  core_grad = recall.induced_core_grad(config, params, state_prev, chunk_prev)
   task = jnp.maximum(tree_norm(recurrent.unroll_gradients(
       config, params, state_prev, chunk_prev,
       tuple(jnp.zeros_like(s) for s in state_prev)).grads['core']), 1e-30)
   for name, fut in (('', future), ('_next_unroll', next_chunk)):
-    g_true = fr.future_state_grad(config, params, state, fut)
-    against, m_pred, target = fr.sg_against_true(config, params, state, y_b,
-                                                 next_chunk, g_true)
+    g_true = recall.future_state_grad(config, params, state, fut)
+    against, m_pred, target = recall.sg_against_true(
+        config, params, state, y_b, next_chunk, g_true)
     g_param = core_grad(recurrent.flatten_state(g_true))
-    against['cos_param_grad_sg_true'] = fr.tree_cosine(core_grad(m_pred),
-                                                       g_param)
-    against['cos_param_grad_target_true'] = fr.tree_cosine(
+    against['cos_param_grad_sg_true'] = pooled_cosine(core_grad(m_pred),
+                                                      g_param)
+    against['cos_param_grad_target_true'] = pooled_cosine(
         core_grad(target), g_param)
     against['param_grad_norm_true_over_task'] = tree_norm(g_param) / task
     row.update({k + name: v for k, v in against.items()})
@@ -115,6 +119,7 @@ def boundary_arrays(config: recurrent.RecurrentConfig, params,
 
 
 def tree_norm(tree) -> jax.Array:
+  """The Euclidean norm of all leaves of a pytree together."""
   return jnp.sqrt(sum(jnp.sum(v ** 2) for v in jax.tree.leaves(tree)))
 
 
@@ -146,24 +151,26 @@ def bpc_and_cell(segment, config, params, ids: np.ndarray, rows: int
   return loss / count / math.log(2.0), max_c
 
 
-def model_config(method: str, vocab: int) -> recurrent.RecurrentConfig:
-  flags = fr.FLAGS
+def model_config(settings, method: str, vocab: int
+                 ) -> recurrent.RecurrentConfig:
+  """The PTB LSTM of one method (bptt_long: BPTT at --long_unroll)."""
   return recurrent.RecurrentConfig(
-      core=flags.core, input_size=vocab, output_size=vocab,
-      hidden_size=flags.hidden_size,
-      unroll=flags.long_unroll if method == 'bptt_long' else flags.unroll,
+      core=settings.core, input_size=vocab, output_size=vocab,
+      hidden_size=settings.hidden_size,
+      unroll=settings.long_unroll if method == 'bptt_long' else settings.unroll,
       method='bptt' if method == 'bptt_long' else method,
       loss='categorical',
-      sg_scale=0.1 if flags.sg_scale is None else flags.sg_scale,
-      learning_rate=flags.learning_rate)
+      sg_scale=0.1 if settings.sg_scale is None else settings.sg_scale,
+      learning_rate=settings.learning_rate)
 
 
-def step_costs(methods: list[str], vocab: int) -> dict[str, dict[str, Any]]:
+def step_costs(settings, methods: list[str], vocab: int
+               ) -> dict[str, dict[str, Any]]:
   """XLA's FLOP count of one training step per method at --hidden_size and
   --batch_size (compiled with the scans unrolled, not run)."""
-  batch, out = fr.FLAGS.batch_size, {}
+  batch, out = settings.batch_size, {}
   for method in methods:
-    config = model_config(method, vocab)
+    config = model_config(settings, method, vocab)
     rec = recurrent.make_recurrent(config)
     t = config.unroll
     state = jax.eval_shape(lambda t=t: rec.init(
@@ -180,29 +187,29 @@ def step_costs(methods: list[str], vocab: int) -> dict[str, dict[str, Any]]:
   return out
 
 
-def run_ptb(method: str, seed: int, data: dict[str, ptb.CharStream]
-            ) -> dict[str, Any]:
-  flags = fr.FLAGS
-  config = model_config(method, len(data['train'].vocab))
+def run_ptb(settings, method: str, seed: int,
+            data: dict[str, ptb.CharStream]) -> dict[str, Any]:
+  """One run of --num_steps training steps, (a)-(c) every --eval_every."""
+  config = model_config(settings, method, len(data['train'].vocab))
   t, lib_method = config.unroll, config.method
   rec = recurrent.make_recurrent(config)
   diag = jax.jit(lambda p, s, f, sp, cp: boundary_arrays(config, p, s, f,
                                                          sp, cp))
   segment = make_eval_segment(config)
-  eval_rows = [int(r) for r in flags.eval_rows]
-  rows = ptb.train_rows(data['train'].ids, flags.batch_size)
+  eval_rows = [int(r) for r in settings.eval_rows]
+  rows = ptb.train_rows(data['train'].ids, settings.batch_size)
   # (a) needs M; truncated BPTT runs record only (b) and (c).
-  horizon = t if lib_method == 'bptt' else flags.horizon
-  state = rec.init(jax.random.key(seed), flags.batch_size,
-                   jnp.zeros((flags.batch_size, t), jnp.int32))
+  horizon = t if lib_method == 'bptt' else settings.horizon
+  state = rec.init(jax.random.key(seed), settings.batch_size,
+                   jnp.zeros((settings.batch_size, t), jnp.int32))
   chunk = lambda k: recurrent.Chunk(*map(jnp.asarray,
                                           ptb.train_chunk(rows, k, t)))
-  is_eval = lambda k: k % flags.eval_every == 0 or k == flags.num_steps
+  is_eval = lambda k: k % settings.eval_every == 0 or k == settings.num_steps
   # The state before the last step (at step 0: zero, and the parameter
   # cosines are meaningless; the means below skip step 0).
   state_prev = tuple(jnp.zeros_like(s) for s in state.carry.core)
   out, bits, start = [], [], time.time()
-  for step in range(flags.num_steps + 1):
+  for step in range(settings.num_steps + 1):
     if is_eval(step):
       row = jax.tree.map(lambda v: round(float(v), 6), jax.device_get(diag(
           state.params, state.carry.core,
@@ -222,7 +229,7 @@ def run_ptb(method: str, seed: int, data: dict[str, ptb.CharStream]
       print(f'{method} seed {seed} step {step}: ' + ', '.join(
           f'{k}={v}' for k, v in row.items() if 'bpc' in k or 'max_abs' in k
           or k == 'cos_sg_true'), flush=True)
-    if step == flags.num_steps:
+    if step == settings.num_steps:
       break
     if is_eval(step + 1):   # The step donates its state: keep a copy.
       state_prev = tuple(jnp.array(s, copy=True) for s in state.carry.core)
@@ -232,8 +239,8 @@ def run_ptb(method: str, seed: int, data: dict[str, ptb.CharStream]
   final = out[-1]
   result = {'experiment': 'ptb', 'method': method, 'seed': seed,
             'config': config._asdict(), 'horizon': horizon,
-            'eval_rows': eval_rows, 'num_steps': flags.num_steps,
-            'characters_per_stream': flags.num_steps * t,
+            'eval_rows': eval_rows, 'num_steps': settings.num_steps,
+            'characters_per_stream': settings.num_steps * t,
             'wall_seconds': wall}
   for r in eval_rows:
     result[f'final_valid_bpc_rows{r}'] = final[f'valid_bpc_rows{r}']
@@ -261,40 +268,3 @@ def run_ptb(method: str, seed: int, data: dict[str, ptb.CharStream]
           [row[name] for row in later])), 5)
   result['rows'] = out
   return result
-
-
-def plot(results: list[dict], path: str) -> None:
-  import matplotlib   # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt   # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  colors = {'bptt': 'C7', 'dni': 'C0', 'dni_aux': 'C3', 'bptt_long': 'k'}
-  for r in results:
-    steps = [row['step'] for row in r['rows']]
-    color, first = colors[r['method']], r['seed'] == min(
-        x['seed'] for x in results if x['method'] == r['method'])
-    label = f'{r["method"]} T={r["config"]["unroll"]}'
-    for i, rows in enumerate(r['eval_rows']):
-      axes[0].plot(steps, [row[f'valid_bpc_rows{rows}'] for row in r['rows']],
-                   ('-', '--', ':')[min(i, 2)], color=color, alpha=0.8,
-                   label=f'{label}, {rows} stream(s)' if first else None)
-    axes[1].semilogy(steps, [max(row['max_abs_c_train'], 1e-3)
-                             for row in r['rows']], color=color, alpha=0.8,
-                     label=label if first else None)
-    if 'cos_sg_true' in r['rows'][0]:
-      axes[2].plot(steps, [row['cos_sg_true'] for row in r['rows']],
-                   color=color, alpha=0.8,
-                   label=f'{label}: M(y_b)' if first else None)
-      axes[2].plot(steps, [row['cos_target_true'] for row in r['rows']], ':',
-                   color=color, alpha=0.8,
-                   label=f'{label}: target' if first else None)
-  axes[0].set_ylabel('validation BPC (cut into N streams)')
-  axes[1].set_ylabel('max |c|, carried training state')
-  axes[2].set_ylabel(f'cosine with the true gradient '
-                     f'(next {results[0]["horizon"]} chars)')
-  for ax in axes:
-    ax.set_xlabel('training steps (unrolls)')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
