@@ -15,7 +15,6 @@ import functools
 import os
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
