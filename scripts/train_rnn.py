@@ -60,11 +60,16 @@ flags.DEFINE_integer('eval_rows', None,
                      'PTB: the validation/test text is cut into this many '
                      'contiguous streams, every character scored once '
                      '(default 64, whatever --batch_size is).')
+flags.DEFINE_integer('eval_episodes', None,
+                     'Copy tasks: fresh episodes in each curriculum check '
+                     '(default 256, A.3\'s batch, whatever --batch_size '
+                     'is).')
 flags.DEFINE_integer('seed', _D.seed, 'Seed for initialisation and data.')
 flags.DEFINE_integer('num_devices', None,
                      'Data parallelism: split the streams over this many '
                      'local devices (default: all; --batch_size and '
-                     '--eval_rows must divide over them).')
+                     '--eval_rows / --eval_episodes must divide over '
+                     'them).')
 FLAGS = flags.FLAGS
 
 
