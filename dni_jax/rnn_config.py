@@ -23,7 +23,7 @@ class RecurrentConfig(NamedTuple):
   unroll: int               # T.
   method: str = 'dni'       # 'bptt' | 'dni' | 'dni_aux'.
   loss: str = 'categorical'  # 'bernoulli' (bits) or 'categorical' (tokens).
-  sg_scale: float = 0.1     # A.3: the synthetic gradient is scaled when consumed.
+  sg_scale: float = 0.1     # A.3: the synthetic gradient's scale when used.
   sg_into_core: bool = False  # A.3: backpropagate the SG loss into the core.
   learning_rate: float = 7e-5  # A.3, Adam.
   leak: float = 0.5         # Leaky RNN: h' = (1 - leak) h + leak tanh(...).
@@ -45,10 +45,10 @@ class RecurrentConfig(NamedTuple):
 
 class Chunk(NamedTuple):
   """T steps of data for B streams."""
-  inputs: Array    # f32[B, T, input_size] (bernoulli) or i32[B, T] (categorical).
+  inputs: Array    # f32[B, T, input_size] (bernoulli), i32[B, T] (categorical).
   targets: Array   # f32[B, T, output_size] in {0, 1}, or i32[B, T].
   mask: Array      # f32[B, T]: 1 where the step's output is scored.
-  resets: Array    # f32[B, T]: 1 where an episode starts (state zeroed before it).
+  resets: Array    # f32[B, T]: 1 where an episode starts (state zeroed first).
 
 
 def validate_config(config: RecurrentConfig) -> None:

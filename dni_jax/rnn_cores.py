@@ -17,7 +17,8 @@ Params = dict[str, Any]
 CoreState = tuple[Array, ...]   # (h_BxH,) or (h_BxH, c_BxH).
 
 
-def init_core(key: Array, core: str, input_size: int, hidden_size: int) -> Params:
+def init_core(key: Array, core: str, input_size: int, hidden_size: int
+              ) -> Params:
   """Weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LSTM forget bias 1."""
   gates = 4 if core == 'lstm' else 1
   kx, kh, kp = jax.random.split(key, 3)
@@ -72,7 +73,8 @@ def rnn_step(params: Params, state: CoreState, x_BxI: Array
 
 def leaky_rnn_step(params: Params, state: CoreState, x_BxI: Array, leak: float
                    ) -> tuple[CoreState, Array]:
-  """Leaky RNN (Sec. 3.2's ref. [17]): h' = (1 - a) h + a tanh(W_x x + W_h h + b)."""
+  """Leaky RNN (Sec. 3.2's ref. [17]):
+  h' = (1 - a) h + a tanh(W_x x + W_h h + b)."""
   (h,) = state
   pre = jnp.tanh(_preactivation(params, h, x_BxI))
   h_new = (1.0 - leak) * h + leak * pre
