@@ -76,9 +76,10 @@ def recurrent_flops(config: recurrent.RecurrentConfig,
   'synthetic': M (and A) and the replayed steps} in FLOPs for one step.
 
   DNI: M predicts delta_T once and is trained once (on the previous
-  boundary, re-run from the K = 1 replayed step, forward only). DNI + Aux
-  also: M's targets at every step, A trained at every step, and K = T
-  replayed steps forward and backward (the aux loss trains the core)."""
+  boundary, re-run from the K = 1 replayed step, forward only). DNI + Aux:
+  M at every step instead (the aux targets; the last step's is delta_T),
+  trained once, A trained at every step, and K = T replayed steps forward
+  and backward (the aux loss trains the core)."""
   gates = 4 if config.core == 'lstm' else 1
   v_in, v_out, hid, t = (config.input_size, config.output_size,
                          config.hidden_size, config.unroll)
@@ -89,7 +90,7 @@ def recurrent_flops(config: recurrent.RecurrentConfig,
   if config.method == 'dni':
     sg = m + TRAIN * m + core
   elif config.method == 'dni_aux':
-    sg = m + TRAIN * m + t * m + TRAIN * t * m + TRAIN * t * core
+    sg = TRAIN * m + t * m + TRAIN * t * m + TRAIN * t * core
   return {'base': 2 * batch_size * base, 'synthetic': 2 * batch_size * sg}
 
 

@@ -12,7 +12,7 @@ full (methods, gradient convention, replay): docs/architecture/recurrent_multine
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,51 +22,16 @@ from dni_jax import functional
 from dni_jax import interface
 from dni_jax import losses
 from dni_jax import sources
+# pylint: disable=unused-import
+# The settings and the cores, importable from here as before.
+from dni_jax.rnn_config import (
+    CORES, LOSSES, METHODS, Chunk, RecurrentConfig, validate_config)
+from dni_jax.rnn_cores import (
+    CoreState, Params, core_step_fn, flatten_state, init_core, leaky_rnn_step,
+    lstm_step, rnn_step, split_state, unroll, zero_state)
+# pylint: enable=unused-import
 
 Array = jax.Array
-Params = dict[str, Any]
-CoreState = tuple[Array, ...]   # (h_BxH,) or (h_BxH, c_BxH).
-
-CORES = ('lstm', 'rnn', 'leaky_rnn')
-METHODS = ('bptt', 'dni', 'dni_aux')
-LOSSES = ('bernoulli', 'categorical')
-
-
-class RecurrentConfig(NamedTuple):
-  """Everything that defines the model and its training step."""
-  core: str                 # 'lstm' | 'rnn' | 'leaky_rnn'.
-  input_size: int           # Bits per step, or the vocabulary (categorical).
-  output_size: int          # Bits per step, or the vocabulary (categorical).
-  hidden_size: int
-  unroll: int               # T.
-  method: str = 'dni'       # 'bptt' | 'dni' | 'dni_aux'.
-  loss: str = 'categorical'  # 'bernoulli' (bits) or 'categorical' (tokens).
-  sg_scale: float = 0.1     # A.3: the synthetic gradient is scaled when consumed.
-  sg_into_core: bool = False  # A.3: backpropagate the SG loss into the core.
-  learning_rate: float = 7e-5  # A.3, Adam.
-  leak: float = 0.5         # Leaky RNN: h' = (1 - leak) h + leak tanh(...).
-
-  @property
-  def num_state(self) -> int:
-    return 2 if self.core == 'lstm' else 1
-
-  @property
-  def sg_size(self) -> int:
-    """A.3: 2 x width for the LSTM (h and c), width for the others."""
-    return self.num_state * self.hidden_size
-
-  @property
-  def replay_length(self) -> int:
-    """K, the previous unroll's steps kept to train M (and A) one step later."""
-    return {'bptt': 0, 'dni': 1, 'dni_aux': self.unroll}[self.method]
-
-
-class Chunk(NamedTuple):
-  """T steps of data for B streams."""
-  inputs: Array    # f32[B, T, input_size] (bernoulli) or i32[B, T] (categorical).
-  targets: Array   # f32[B, T, output_size] in {0, 1}, or i32[B, T].
-  mask: Array      # f32[B, T]: 1 where the step's output is scored.
-  resets: Array    # f32[B, T]: 1 where an episode starts (state zeroed before it).
 
 
 class Carry(NamedTuple):
@@ -86,130 +51,12 @@ class RecurrentState(NamedTuple):
 
 
 # ---------------------------------------------------------------------------
-# Cores: pure functions (params, state, x) -> (state, y).
-# ---------------------------------------------------------------------------
-
-def init_core(key: Array, core: str, input_size: int, hidden_size: int) -> Params:
-  """Weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LSTM forget bias 1."""
-  gates = 4 if core == 'lstm' else 1
-  kx, kh, kp = jax.random.split(key, 3)
-  fan_in = input_size + hidden_size
-  params = {
-      'w_x': functional.uniform(kx, (input_size, gates * hidden_size), fan_in),
-      'w_h': functional.uniform(kh, (hidden_size, gates * hidden_size), fan_in),
-      'b': jnp.zeros((gates * hidden_size,), jnp.float32),
-  }
-  if core == 'lstm':
-    params['b'] = params['b'].at[hidden_size:2 * hidden_size].set(1.0)
-    params['peephole'] = functional.uniform(kp, (3, hidden_size), hidden_size)
-  return params
-
-
-def _preactivation(params: Params, h: Array, x_BxI: Array) -> Array:
-  """W_x x + W_h h + b."""
-  return functional.add_bias(x_BxI @ params['w_x'] + h @ params['w_h'],
-                             params['b'])
-
-
-def lstm_step(params: Params, state: CoreState, x_BxI: Array
-              ) -> tuple[CoreState, Array]:
-  """The LSTM of Graves (2013), Eq. (7)-(11), *with* peephole connections
-  (diagonal w_ci, w_cf, w_co; the output gate peeks at the new cell):
-
-    i = sig(W_xi x + W_hi h + w_ci * c + b_i)
-    f = sig(W_xf x + W_hf h + w_cf * c + b_f)
-    c' = f * c + i * tanh(W_xc x + W_hc h + b_c)
-    o = sig(W_xo x + W_ho h + w_co * c' + b_o)
-    h' = o * tanh(c');   output y = h'.
-  """
-  h, c = state
-  z = _preactivation(params, h, x_BxI)
-  zi, zf, zc, zo = jnp.split(z, 4, axis=-1)
-  w_ci, w_cf, w_co = params['peephole'][:, None, :]   # Each [1, H].
-  i = jax.nn.sigmoid(zi + w_ci * c)
-  f = jax.nn.sigmoid(zf + w_cf * c)
-  c_new = f * c + i * jnp.tanh(zc)
-  o = jax.nn.sigmoid(zo + w_co * c_new)
-  h_new = o * jnp.tanh(c_new)
-  return (h_new, c_new), h_new
-
-
-def rnn_step(params: Params, state: CoreState, x_BxI: Array
-             ) -> tuple[CoreState, Array]:
-  """Vanilla RNN: h' = tanh(W_x x + W_h h + b); y = h'."""
-  (h,) = state
-  h_new = jnp.tanh(_preactivation(params, h, x_BxI))
-  return (h_new,), h_new
-
-
-def leaky_rnn_step(params: Params, state: CoreState, x_BxI: Array, leak: float
-                   ) -> tuple[CoreState, Array]:
-  """Leaky RNN (Sec. 3.2's ref. [17]): h' = (1 - a) h + a tanh(W_x x + W_h h + b)."""
-  (h,) = state
-  pre = jnp.tanh(_preactivation(params, h, x_BxI))
-  h_new = (1.0 - leak) * h + leak * pre
-  return (h_new,), h_new
-
-
-def core_step_fn(config: RecurrentConfig) -> Callable:
-  if config.core == 'lstm':
-    return lstm_step
-  if config.core == 'rnn':
-    return rnn_step
-  return functools.partial(leaky_rnn_step, leak=config.leak)
-
-
-def zero_state(config: RecurrentConfig, batch_size: int) -> CoreState:
-  return tuple(jnp.zeros((batch_size, config.hidden_size), jnp.float32)
-               for _ in range(config.num_state))
-
-
-def _as_features(config: RecurrentConfig, inputs: Array) -> Array:
-  if config.loss == 'categorical':
-    return jax.nn.one_hot(inputs, config.input_size, dtype=jnp.float32)
-  return inputs.astype(jnp.float32)
-
-
-def unroll(config: RecurrentConfig, core_params: Params, state0: CoreState,
-           inputs: Array, resets_BxT: Array
-           ) -> tuple[CoreState, Array, tuple[Array, ...]]:
-  """Runs the core over T steps with `lax.scan`.
-
-  Returns (s_T, outputs y f32[B, T, H], states: each f32[B, T, H], the state
-  after every step). Where resets[b, t] = 1 the state of stream b is zeroed
-  before step t (a new episode), so no gradient crosses the episode boundary.
-  """
-  step = core_step_fn(config)
-  x_TxBxI = jnp.swapaxes(_as_features(config, inputs), 0, 1)
-  r_TxB = jnp.swapaxes(resets_BxT, 0, 1)
-
-  def body(state, xr):
-    x_BxI, r_B = xr
-    state = tuple(s * (1.0 - r_B[:, None]) for s in state)
-    state, y = step(core_params, state, x_BxI)
-    return state, (y, state)
-
-  state_T, (y_TxBxH, states) = jax.lax.scan(body, state0, (x_TxBxI, r_TxB))
-  return (state_T, jnp.swapaxes(y_TxBxH, 0, 1),
-          tuple(jnp.swapaxes(s, 0, 1) for s in states))
-
-
-# ---------------------------------------------------------------------------
 # Heads: readout, synthetic-gradient model M, aux model A.
 # ---------------------------------------------------------------------------
 
 # M(y) (or A(y)) on [..., H] -> [..., sg_size]: linear -> ReLU -> linear, one
 # hidden layer as wide as the core (A.3), final layer zero (A.1).
 mlp_apply = functional.mlp_apply
-
-
-def split_state(config: RecurrentConfig, flat: Array) -> CoreState:
-  """[..., num_state * H] -> (h, c) or (h,), matching the core state."""
-  return tuple(jnp.split(flat, config.num_state, axis=-1))
-
-
-def flatten_state(state: CoreState) -> Array:
-  return jnp.concatenate(state, axis=-1)
 
 
 def init_params(config: RecurrentConfig, key: Array) -> Params:
@@ -262,6 +109,28 @@ class UnrollGradients(NamedTuple):
   states: tuple[Array, ...]  # the state after every step, each f32[B, T, H].
 
 
+def _unroll_vjp(config: RecurrentConfig, params: Params, state0: CoreState,
+                chunk: Chunk) -> tuple[Array, Callable[[CoreState],
+                                                   UnrollGradients]]:
+  """The unroll's forward under one `jax.vjp`: (y, pull), `pull(delta_T)`
+  giving the `UnrollGradients` of that boundary gradient."""
+  trainable = {'core': params['core'], 'readout': params['readout']}
+  fn = lambda p, s0: unroll_loss(config, p, s0, chunk)
+  (loss, state_T), vjp_fn, (y, states) = jax.vjp(fn, trainable, state0,
+                                                 has_aux=True)
+
+  def pull(delta_T):
+    delta_T = jax.lax.stop_gradient(tuple(delta_T))
+    # L is already the batch mean: its cotangent is 1; s_T's is delta_T / B.
+    grads, grad_s0 = interface.pull_back(
+        lambda d: vjp_fn((jnp.ones_like(loss), d)), delta_T,
+        batch_size=chunk.mask.shape[0])
+    return UnrollGradients(
+        grads=grads, initial_state_grad=grad_s0,
+        loss=loss, final_state=state_T, outputs=y, states=states)
+  return y, pull
+
+
 def unroll_gradients(config: RecurrentConfig, params: Params,
                      state0: CoreState, chunk: Chunk,
                      boundary_grad: CoreState | Callable) -> UnrollGradients:
@@ -271,32 +140,22 @@ def unroll_gradients(config: RecurrentConfig, params: Params,
   function of the unroll's outputs y [B, T, H] returning it (DNI: M(y_T),
   computed from the same forward pass).
   """
-  trainable = {'core': params['core'], 'readout': params['readout']}
-  fn = lambda p, s0: unroll_loss(config, p, s0, chunk)
-  (loss, state_T), vjp_fn, (y, states) = jax.vjp(fn, trainable, state0,
-                                                 has_aux=True)
-  delta_T = boundary_grad(y) if callable(boundary_grad) else boundary_grad
-  delta_T = jax.lax.stop_gradient(tuple(delta_T))
-  # L is already the batch mean: its cotangent is 1; s_T's is delta_T / B.
-  grads, grad_s0 = interface.pull_back(
-      lambda d: vjp_fn((jnp.ones_like(loss), d)), delta_T,
-      batch_size=chunk.mask.shape[0])
-  return UnrollGradients(
-      grads=grads, initial_state_grad=grad_s0,
-      loss=loss, final_state=state_T, outputs=y, states=states)
+  y, pull = _unroll_vjp(config, params, state0, chunk)
+  return pull(boundary_grad(y) if callable(boundary_grad) else boundary_grad)
 
 
 def dni_losses(config: RecurrentConfig, params: Params, carry: Carry,
-               sg_target: CoreState, outputs: Array
+               sg_target: CoreState, future_sg: Array | None
                ) -> tuple[Array, tuple[Array, Array]]:
   """The synthetic-gradient loss for the previous boundary, and (DNI+Aux) the
   aux loss for the previous unroll, from the K replayed steps (Fig. 4).
 
-  `sg_target`: this unroll's per-example gradient w.r.t. s_0. `outputs`: this
-  unroll's y; M(y_t) is the aux target for the previous unroll's step t
-  (t + T steps later). Both losses are L2 (`interface.synthetic_gradient_loss`),
-  weight 1; the aux loss is averaged over the T steps. Both are zero until a
-  previous boundary exists.
+  `sg_target`: this unroll's per-example gradient w.r.t. s_0. `future_sg`
+  (DNI+Aux): M(y_t) at every step t of this unroll, [B, T, sg_size], the aux
+  target for the previous unroll's step t (t + T steps later; a constant).
+  Both losses are L2 (`interface.synthetic_gradient_loss`), weight 1; the
+  aux loss is averaged over the T steps. Both are zero until a previous
+  boundary exists.
   """
   core_params = params['core']
   if config.method == 'dni' and not config.sg_into_core:
@@ -310,7 +169,7 @@ def dni_losses(config: RecurrentConfig, params: Params, carry: Carry,
       mlp_apply(params['sg'], y_boundary), flatten_state(sg_target))
   aux_loss = jnp.zeros((), jnp.float32)
   if config.method == 'dni_aux':
-    targets = jax.lax.stop_gradient(mlp_apply(params['sg'], outputs))
+    targets = jax.lax.stop_gradient(future_sg)
     predictions = mlp_apply(params['aux'], y_rep)
     per_step = jax.vmap(interface.synthetic_gradient_loss, in_axes=1)(
         predictions, targets)
@@ -353,19 +212,25 @@ def train_step(config: RecurrentConfig, state: RecurrentState, chunk: Chunk
   """One unroll of T steps and one Adam update (Fig. 4)."""
   params, carry = state.params, state.carry
   decoupled = config.method in ('dni', 'dni_aux')
+  y, pull = _unroll_vjp(config, params, carry.core, chunk)
+  future_sg = None
+  if config.method == 'dni_aux':
+    # M at every step of this unroll (the aux targets); its last step is the
+    # boundary's synthetic gradient: M runs once over y.
+    future_sg = mlp_apply(params['sg'], y)
+    sg_T = future_sg[:, -1]
+  elif decoupled:
+    sg_T = mlp_apply(params['sg'], y[:, -1])
   if decoupled:
-    boundary = lambda y: tuple(
-        config.sg_scale * d for d in split_state(
-            config, mlp_apply(params['sg'], y[:, -1])))
+    out = pull(tuple(config.sg_scale * d for d in split_state(config, sg_T)))
   else:  # Truncated BPTT: delta_T = 0.
-    boundary = tuple(jnp.zeros_like(s) for s in carry.core)
-  out = unroll_gradients(config, params, carry.core, chunk, boundary)
+    out = pull(tuple(jnp.zeros_like(s) for s in carry.core))
   grads = dict(out.grads)
   sg_loss = aux_loss = jnp.zeros((), jnp.float32)
   if decoupled:
     dni_grads, (sg_loss, aux_loss) = jax.grad(
         lambda p: dni_losses(config, p, carry, out.initial_state_grad,
-                             out.outputs), has_aux=True)(params)
+                             future_sg), has_aux=True)(params)
     grads = dict(dni_grads)   # sg, aux; its readout gradient is zero.
     grads['core'] = jax.tree.map(jnp.add, dni_grads['core'], out.grads['core'])
     grads['readout'] = out.grads['readout']
@@ -413,26 +278,6 @@ class Recurrent(NamedTuple):
   init: Callable[[Array, int, Array], RecurrentState]
   train_step: Callable[[RecurrentState, Chunk], tuple[RecurrentState, dict]]
   evaluate_chunk: Callable[[Params, CoreState, Chunk], tuple[CoreState, dict]]
-
-
-def validate_config(config: RecurrentConfig) -> None:
-  def bad(field, msg):
-    raise ValueError(f'{field}={getattr(config, field)!r}: {msg}')
-  if config.core not in CORES:
-    bad('core', f'must be one of {", ".join(CORES)}')
-  if config.method not in METHODS:
-    bad('method', f'must be one of {", ".join(METHODS)}')
-  if config.loss not in LOSSES:
-    bad('loss', f'must be one of {", ".join(LOSSES)}')
-  for field in ('input_size', 'output_size', 'hidden_size', 'unroll'):
-    if getattr(config, field) < 1:
-      bad(field, 'must be a positive integer')
-  if not (config.sg_scale > 0 and math.isfinite(config.sg_scale)):
-    bad('sg_scale', 'must be a positive finite number')
-  if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
-    bad('learning_rate', 'must be a positive finite number')
-  if not 0 < config.leak <= 1:
-    bad('leak', 'must be in (0, 1]')
 
 
 def make_recurrent(config: RecurrentConfig) -> Recurrent:

@@ -52,13 +52,17 @@ class RecurrentExperiment:
                              'into this many contiguous streams, every '
                              'character scored once (default 64, whatever '
                              '--batch_size is).')
+  eval_episodes: int | None = _S(None, 'Copy tasks: fresh episodes in each '
+                                 'curriculum check (default 256, A.3\'s '
+                                 'batch, whatever --batch_size is).')
   seed: int = _S(0, 'Seed for initialisation and data.')
   overwrite: bool = False
   # Execution, not part of the run's configuration (results agree within
   # float tolerance): the library runs on one device, the script on all.
   num_devices: int | None = _S(
       1, 'Data parallelism: split the streams over this many local devices '
-      '(default: all; --batch_size and --eval_rows must divide over them).',
+      '(default: all; --batch_size and --eval_rows / --eval_episodes must '
+      'divide over them).',
       flag_default=None)
 
   def __post_init__(self):
@@ -74,12 +78,14 @@ class RecurrentExperiment:
         self.method, recurrent.METHODS, 'method'))
     training.check_positive_flags(self, (
         'hidden_size', 'unroll', 'batch_size', 'num_steps', 'eval_every',
-        'log_every', 'checkpoint_every', 'patience', 'eval_rows'))
+        'log_every', 'checkpoint_every', 'patience', 'eval_rows',
+        'eval_episodes'))
     training.check_at_most(self, {
         'unroll': (1000, 'the paper uses T up to 40'),
         'hidden_size': (16384, 'the paper uses up to 1024 units'),
         'batch_size': (65536, 'the paper uses 256 streams'),
         'eval_rows': (65536, 'evaluation streams'),
+        'eval_episodes': (65536, 'evaluation episodes'),
     })
     training.check_positive_finite(self, ('learning_rate', 'sg_scale'))
     if self.method == 'bptt' and (self.sg_scale is not None
@@ -95,6 +101,9 @@ class RecurrentExperiment:
       if self.eval_rows is not None:
         raise ValueError(f'--eval_rows is for --task=ptb; got '
                          f'--task={self.task}')
+    elif self.eval_episodes is not None:
+      raise ValueError('--eval_episodes is for --task=copy or repeat_copy; '
+                       'got --task=ptb (its evaluation is --eval_rows)')
     training.check_non_negative(self, ('seed',))
     if self.num_devices is not None:
       if self.num_devices < 1:
@@ -102,9 +111,9 @@ class RecurrentExperiment:
       if self.batch_size % self.num_devices:
         raise ValueError(f'--batch_size={self.batch_size}: must be divisible '
                          f'by --num_devices={self.num_devices}')
-      rows = self.resolved['eval_rows']
-      if rows is not None and rows % self.num_devices:
-        raise ValueError(f'--eval_rows={rows}: must be divisible by '
+      flag, streams = self.eval_streams
+      if streams % self.num_devices:
+        raise ValueError(f'--{flag}={streams}: must be divisible by '
                          f'--num_devices={self.num_devices}')
 
   @property
@@ -116,13 +125,27 @@ class RecurrentExperiment:
         'eval_every': self.eval_every or (5000 if self.task == 'ptb' else 200),
         'patience': (self.patience or 3) if self.task == 'ptb' else None,
         'eval_rows': (self.eval_rows or 64) if self.task == 'ptb' else None,
+        'eval_episodes': (None if self.task == 'ptb'
+                          else self.eval_episodes or 256),
     }
+
+  @property
+  def eval_streams(self) -> tuple[str, int]:
+    """(flag, value): how many streams one evaluation runs."""
+    r = self.resolved
+    if self.task == 'ptb':
+      return 'eval_rows', r['eval_rows']
+    return 'eval_episodes', r['eval_episodes']
 
   def config_record(self) -> dict[str, Any]:
     record = dataclasses.asdict(self)
     record.update(self.resolved)
     del record['overwrite']
     del record['num_devices']   # Where it runs; result.json records it.
+    # Runs before --eval_episodes evaluated on batch_size episodes and have
+    # no such entry: recorded only where it differs, so they resume.
+    if record['eval_episodes'] in (None, self.batch_size):
+      del record['eval_episodes']
     return record
 
   def model_config(self, input_size: int, output_size: int, loss: str

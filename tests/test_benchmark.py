@@ -148,6 +148,13 @@ def test_recurrent_model_flops_match_a_written_out_count():
   m = 8 * 8 + 8 * 16
   assert bench_metrics.recurrent_flops(config, 4)['synthetic'] == 2 * 4 * (
       4 * m + (5 + 8) * 32)
+  # DNI + Aux: M at the 3 steps (the last one is the boundary's) and trained
+  # once; A trained at the 3 steps; the 3 replayed core steps forward and
+  # backward.
+  config = benchmarking.lstm_config('dni_aux', hidden_size=8, vocab=5,
+                                    unroll=3)
+  assert bench_metrics.recurrent_flops(config, 4)['synthetic'] == 2 * 4 * (
+      3 * m + 3 * m + 3 * 3 * m + 3 * 3 * (5 + 8) * 32)
 
 
 def test_hlo_flops_within_a_sane_factor_of_model_flops_for_bprop():

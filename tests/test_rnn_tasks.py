@@ -7,6 +7,7 @@ import pytest
 
 from dni_jax import recurrent
 from dni_jax import rnn_experiments
+from dni_jax import rnn_task_drivers
 from dni_jax import rnn_tasks
 
 
@@ -101,7 +102,7 @@ class _FakeRecurrent:
 def test_curriculum_advances_at_the_threshold(tmp_path, bits, advances):
   exp = rnn_experiments.RecurrentExperiment(
       workdir=str(tmp_path), task='repeat_copy', batch_size=4, unroll=2)
-  task = rnn_experiments._CopyTask(exp)  # pylint: disable=protected-access
+  task = rnn_task_drivers.CopyTask(exp)
   row = task.evaluate(_FakeRecurrent(bits), params=None)
   assert row['bits_error'] == pytest.approx(bits, abs=1e-5)
   if advances:
