@@ -9,6 +9,10 @@ the checkpoint.
 """
 
 
+import dataclasses
+import json
+import os
+
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -31,12 +35,34 @@ FINITE = ('loss', 'sg_loss', 'aux_loss', 'grad_norm')
 # The loop.
 # ---------------------------------------------------------------------------
 
+def _as_recorded_before_eval_episodes(exp: RecurrentExperiment
+                                      ) -> RecurrentExperiment:
+  """A copy-task workdir written before --eval_episodes existed evaluated on
+  --batch_size episodes (its config.json has no eval_episodes): resuming it
+  without the flag keeps that, so it resumes as it was."""
+  if exp.task == 'ptb' or exp.eval_episodes is not None or exp.overwrite:
+    return exp
+  path = os.path.join(exp.workdir, training.CONFIG_FILE)
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError):
+    return exp   # No run there (or a broken one: open_workdir reports it).
+  if not isinstance(recorded, dict) or 'eval_episodes' in recorded:
+    return exp
+  logging.info('%s was written before --eval_episodes: its curriculum '
+               'checks keep --batch_size=%d episodes', exp.workdir,
+               exp.batch_size)
+  return dataclasses.replace(exp, eval_episodes=exp.batch_size)
+
+
 def train_recurrent(exp: RecurrentExperiment) -> dict:
   """Runs (or resumes) one recurrent experiment; returns result.json's dict.
 
   The streams are split over `exp.num_devices` local devices (data
   parallelism, `parallel.make_data_parallel_recurrent`) when that is > 1.
   """
+  exp = _as_recorded_before_eval_episodes(exp)
   # Device settings are checked before the workdir is touched.
   mesh = parallel.make_data_mesh(exp.num_devices)
   parallel.check_batch_size(mesh, exp.batch_size)

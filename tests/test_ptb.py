@@ -150,20 +150,24 @@ def test_copy_run_reports_length_and_samples_and_resumes(tmp_path):
 def test_copy_runs_from_before_eval_episodes_resume(tmp_path):
   """config.json records eval_episodes only where it differs from
   batch_size: a copy run written before the setting existed (it evaluated on
-  batch_size episodes and has no such entry) extends with --eval_episodes
-  set to its batch size, and is refused, naming the setting, without."""
+  batch_size episodes and has no such entry) extends as it was without the
+  flag (batch_size episodes) and with it set to its batch size; another
+  number of episodes is another run, refused naming the setting."""
   exp = _exp(tmp_path / 'copy', task='copy', method='dni', num_steps=3,
              eval_episodes=4)
   rnn_experiments.train_recurrent(exp)
   with open(os.path.join(exp.workdir, 'config.json')) as f:
     assert 'eval_episodes' not in json.load(f)
-  longer = dataclasses.replace(exp, num_steps=6)
   with pytest.raises(training.WorkdirError, match='differs in: eval_episodes'):
     rnn_experiments.train_recurrent(
-        dataclasses.replace(longer, eval_episodes=None))
-  result = rnn_experiments.train_recurrent(longer)
+        dataclasses.replace(exp, num_steps=6, eval_episodes=8))
+  result = rnn_experiments.train_recurrent(
+      dataclasses.replace(exp, num_steps=6, eval_episodes=None))
   assert result['num_steps'] == 6
-  assert [r['step'] for r in training.read_metrics(exp.workdir)] == [3, 6]
+  result = rnn_experiments.train_recurrent(
+      dataclasses.replace(exp, num_steps=9))
+  assert result['num_steps'] == 9
+  assert [r['step'] for r in training.read_metrics(exp.workdir)] == [3, 6, 9]
   new = _exp(tmp_path / 'new', task='copy', method='dni', num_steps=3)
   rnn_experiments.train_recurrent(new)
   with open(os.path.join(new.workdir, 'config.json')) as f:
