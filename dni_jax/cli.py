@@ -148,6 +148,17 @@ def experiment_from_flags(experiment: type,
                                         config_flag, **fixed)
 
 
+def script_main(prog: str, run: Callable[[], Any]
+                ) -> Callable[[list[str]], None]:
+  """The absl main of a script that is not a training run: no positional
+  arguments, `run()` (which reads the parsed flags), bad input in one line."""
+  def main(argv: list[str]) -> None:
+    no_positional_arguments(argv)
+    with one_line_errors(prog):
+      run()
+  return main
+
+
 def training_main(prog: str, experiment: type,
                   train: Callable[[Any], dict],
                   summary: Callable[[Any, dict], str],

@@ -77,10 +77,7 @@ def define_flags() -> None:
 
 
 
-def main(argv):
-  cli.no_positional_arguments(argv)
-  with cli.one_line_errors(PROG):
-    ff.run_grid(FLAGS)
+main = cli.script_main(PROG, lambda: ff.run_grid(FLAGS))
 
 
 if __name__ == '__main__':

@@ -101,10 +101,7 @@ flags.DEFINE_string('plot', None, 'Write the summary plot (PNG) here.')
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  cli.no_positional_arguments(argv)
-  with cli.one_line_errors('fidelity_rnn.py'):
-    rnn.run_experiment(FLAGS)
+main = cli.script_main('fidelity_rnn.py', lambda: rnn.run_experiment(FLAGS))
 
 
 if __name__ == '__main__':

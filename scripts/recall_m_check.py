@@ -58,10 +58,7 @@ flags.DEFINE_integer('lag_every', 25, 'During DNI training, record the '
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  cli.no_positional_arguments(argv)
-  with cli.one_line_errors('recall_m_check.py'):
-    m_check.run_check(FLAGS)
+main = cli.script_main('recall_m_check.py', lambda: m_check.run_check(FLAGS))
 
 
 if __name__ == '__main__':
