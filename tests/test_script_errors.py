@@ -36,8 +36,20 @@ def assert_one_line_error(proc, needle, code=1):
   errors = [l for l in proc.stderr.splitlines() if 'error:' in l]
   assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
   other = [l for l in proc.stderr.splitlines()
-           if l not in errors and not (l[:1] in 'IWE' and l[1:5].isdigit())]
+           if l not in errors and not (l[:1] in 'IWE' and l[1:5].isdigit())
+           and not _interpreter_shutdown_warning(l)]
   assert not other, other
+
+
+def _interpreter_shutdown_warning(line):
+  """After a failed checkpoint write, CPython may print at shutdown, past
+  the point where warnings filters apply, that an orbax write coroutine was
+  never awaited (and its tracemalloc hint); whether it does depends on when
+  the failure lands. Not the program's output."""
+  return (line.startswith('sys:1: RuntimeWarning: coroutine ') and
+          'was never awaited' in line) or line == (
+              'RuntimeWarning: Enable tracemalloc to get the object '
+              'allocation traceback')
 
 
 def plant_foreign(folder):
