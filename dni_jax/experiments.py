@@ -103,13 +103,13 @@ def _pipeline_step(exp: FeedForwardExperiment,
   # state (the stages), so no step moves the state. The loop adds the losses
   # to sums it keeps (and restores) on one device.
   first = mesh.devices.flat[0]
+  # Per stage -> per interface (dni), on one device: one dispatch a step.
+  view = (jax.jit(pipeline_lib.interface_metrics) if exp.pipeline == 'dni'
+          else lambda metrics: metrics)
 
   def train_step(state, images, labels):
     state, metrics = step(state, images, labels)
-    metrics = jax.device_put(metrics, first)
-    if exp.pipeline == 'dni':   # Per stage -> per interface, on one device.
-      metrics = pipeline_lib.interface_metrics(metrics)
-    return state, metrics
+    return state, view(jax.device_put(metrics, first))
   logging.info('%s pipeline: %d stages ending after layers %s on %s',
                exp.pipeline, mesh.size, boundaries, mesh.devices.tolist())
   ff = feedforward.make_feedforward(config)
